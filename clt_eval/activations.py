@@ -1,0 +1,95 @@
+"""Sparse activation functions σ of GUIDE §2, vectorised over an ensemble of runs.
+
+Shapes: ``pre_RBLF`` is the pre-activation for R runs, B samples, L layers, F features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _JumpReLU(torch.autograd.Function):
+    """a = z · 1[z > θ]; θ learns through a straight-through estimator.
+
+    Rajamanoharan et al. (2024), "Jumping Ahead": the pseudo-derivative of the jump with
+    respect to θ is -(θ/ε) K((z-θ)/ε) with the rectangle kernel K(u) = 1[|u| < 1/2].
+    """
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad_out * (pre > threshold)
+        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        grad_thr = (-threshold * kernel * grad_out).sum_to_size(threshold.shape)
+        return grad_pre, grad_thr, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - θ), the L0 count; gradient only to θ: -(1/ε) K((z-θ)/ε) (same paper)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        grad_thr = (-kernel * grad_out).sum_to_size(threshold.shape)
+        return None, grad_thr, None
+
+
+def jumprelu(pre_RBLF: torch.Tensor, threshold_R1LF: torch.Tensor, bandwidth: float):
+    return _JumpReLU.apply(pre_RBLF, threshold_R1LF, bandwidth)
+
+
+def step_l0(pre_RBLF: torch.Tensor, threshold_R1LF: torch.Tensor, bandwidth: float):
+    return _Step.apply(pre_RBLF, threshold_R1LF, bandwidth)
+
+
+def topk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool) -> torch.Tensor:
+    """Keep the k largest ReLU'd pre-activations per sample, per layer or across layers.
+
+    k may differ between runs: take the top max(k) once, then drop ranks >= k of each run.
+    """
+    R, B, L, F = pre_RBLF.shape
+    flat = pre_RBLF.reshape(R, B, L * F) if joint else pre_RBLF
+    kmax = int(k_R.max())
+    vals, idx = flat.relu().topk(min(kmax, flat.shape[-1]), dim=-1)
+    keep = torch.arange(vals.shape[-1], device=vals.device) < k_R.view(R, *[1] * (vals.dim() - 1))
+    out = torch.zeros_like(flat).scatter(-1, idx, vals * keep)
+    return out.reshape(R, B, L, F)
+
+
+def batchtopk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool):
+    """Keep the k·B largest activations over the whole batch (Bussmann et al. 2024).
+
+    Returns the activations and, per run (and layer unless joint), the smallest kept value,
+    from which the inference threshold is estimated.
+    """
+    R, B, L, F = pre_RBLF.shape
+    relu = pre_RBLF.relu()
+    # Put the batch next to the feature axis so one topk covers the batch.
+    flat = relu.permute(0, 2, 1, 3).reshape(R, L, B * F) if not joint else relu.reshape(R, 1, -1)
+    kb = (k_R * B).clamp(max=flat.shape[-1])
+    vals, idx = flat.topk(int(kb.max()), dim=-1)
+    keep = torch.arange(vals.shape[-1], device=vals.device) < kb.view(R, 1, 1)
+    kept = vals * keep
+    out = torch.zeros_like(flat).scatter(-1, idx, kept)
+    # The smallest positive kept value is the cut-off this batch used.
+    big = torch.finfo(vals.dtype).max
+    cut = torch.where(keep & (vals > 0), vals, torch.full_like(vals, big)).amin(-1)
+    cut = torch.where(cut == big, torch.zeros_like(cut), cut)
+    if joint:
+        return out.reshape(R, B, L, F), cut.expand(R, L)
+    return out.reshape(R, L, B, F).permute(0, 2, 1, 3), cut

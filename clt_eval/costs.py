@@ -1,0 +1,34 @@
+"""Sparsity cost of a given decomposition under every penalty × decoder-norm choice.
+
+Used to compare hand-built exact decompositions (what the penalty *should* prefer) with what
+training finds. Pure functions of a transcoder and its inputs; λ is left out (costs per unit λ).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clt_eval.losses import feature_norms, penalty_terms
+from clt_eval.transcoder import Transcoder
+
+NORMS = ("concatenated", "summed", "per_block")
+
+
+@torch.no_grad()
+def sparsity_costs(tc: Transcoder, x_BLD: torch.Tensor, tanh_scale: float = 1.0) -> dict:
+    """{"l1/concatenated": [R], ..., "l0": [R], "max_l0": [R]}: mean cost per sample.
+
+    ``max_l0`` is the largest number of active features any sample needs: the smallest joint
+    TopK budget k that can reproduce the decomposition exactly.
+    """
+    acts = tc(x_BLD).acts_RBLF
+    block_norms = tc.decoder_block_norms()
+    out = {}
+    for penalty in ("l1", "tanh"):
+        for norm in NORMS:
+            terms = penalty_terms(acts, feature_norms(block_norms, norm), penalty, tanh_scale)
+            out[f"{penalty}/{norm}"] = terms.mean(1)
+    active = (acts > 0).flatten(2).sum(-1).float()  # [R, B]
+    out["l0"] = active.mean(1)
+    out["max_l0"] = active.amax(1)
+    return out

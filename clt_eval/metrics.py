@@ -1,0 +1,110 @@
+"""Faithfulness and reconstruction metrics (GUIDE §5) as pure functions of tensors.
+
+Shapes: R runs, B samples, L layers, F transcoder features, G ground-truth features,
+D d_model. Every number in a report comes from one of these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def nmse_per_layer(recon_RBLD: torch.Tensor, target_BLD: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained per layer, [R, L]: Σ‖ŷ−y‖² / Σ‖y−ȳ‖²."""
+    err = (recon_RBLD - target_BLD[None]).pow(2).sum((1, 3))
+    var = (target_BLD - target_BLD.mean(0)).pow(2).sum((0, 2))
+    return err / var.clamp_min(1e-12)
+
+
+def l0_per_layer(acts_RBLF: torch.Tensor) -> torch.Tensor:
+    """Mean number of active features per sample at each layer, [R, L]."""
+    return (acts_RBLF > 0).float().sum(-1).mean(1)
+
+
+def dead_fraction(acts_RBLF: torch.Tensor) -> torch.Tensor:
+    """Fraction of features that never fire on the data, per layer, [R, L]."""
+    return (~(acts_RBLF > 0).any(1)).float().mean(-1)
+
+
+def correlation_matrix(a_NF: torch.Tensor, b_NG: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of every column of ``a`` with every column of ``b``, [F, G].
+
+    A constant column (a dead feature) correlates 0 with everything.
+    """
+    a = a_NF - a_NF.mean(0)
+    b = b_NG - b_NG.mean(0)
+    denom = a.norm(dim=0)[:, None] * b.norm(dim=0)[None, :]
+    return torch.where(denom > 1e-12, a.T @ b / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
+def cosine_matrix(u_FD: torch.Tensor, v_GD: torch.Tensor) -> torch.Tensor:
+    u = u_FD / u_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    v = v_GD / v_GD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return u @ v.T
+
+
+def match_features(acts_NF, gt_acts_NG, dec_FD, gt_dirs_GD, corr_min=0.9, cos_min=0.9):
+    """One-to-one (Hungarian) matching of transcoder to ground-truth features.
+
+    Matches maximise total activation correlation; a ground-truth feature counts as recovered
+    when its partner's correlation and decoder cosine both reach their thresholds. Returns a
+    dict of per-ground-truth-feature lists: ``index`` (matched feature or -1), ``corr``,
+    ``cos``, ``recovered``.
+    """
+    corr = correlation_matrix(acts_NF.float(), gt_acts_NG.float())
+    cos = cosine_matrix(dec_FD.float(), gt_dirs_GD.float())
+    rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+    G = gt_acts_NG.shape[1]
+    index, c, s = [-1] * G, [0.0] * G, [0.0] * G
+    for f, g in zip(rows.tolist(), cols.tolist(), strict=True):
+        index[g], c[g], s[g] = f, float(corr[f, g]), float(cos[f, g])
+    recovered = [ci >= corr_min and si >= cos_min for ci, si in zip(c, s, strict=True)]
+    return {"index": index, "corr": c, "cos": s, "recovered": recovered}
+
+
+def recovery_fraction(match: dict) -> float:
+    return float(np.mean(match["recovered"])) if match["recovered"] else float("nan")
+
+
+def skip_fraction(contrib_RBSD: torch.Tensor, direction_D: torch.Tensor, target_layer: int):
+    """Share of the output written by earlier layers' features through cross-layer decoders.
+
+    ``contrib_RBSD`` is what each source layer s writes to ``target_layer`` (b_dec excluded).
+    Each source's share is Σ_b |⟨c_s, u⟩| along the output's unit direction u; the skip
+    fraction is the share of sources s < target_layer. 0 = faithful, 1 = fully skipped; NaN
+    when nothing is written at all. Returns [R].
+    """
+    u = direction_D / direction_D.norm()
+    mass_RS = (contrib_RBSD @ u).abs().sum(1)
+    early = mass_RS[:, :target_layer].sum(-1)
+    total = mass_RS[:, : target_layer + 1].sum(-1)
+    return torch.where(total > 1e-9, early / total.clamp_min(1e-9), torch.full_like(total, np.nan))
+
+
+def output_accuracy(pred_RN: torch.Tensor, true_N: torch.Tensor, tol: float) -> torch.Tensor:
+    """Fraction of samples whose output is within ``tol`` of the truth, [R]."""
+    return ((pred_RN - true_N[None]).abs() < tol).float().mean(-1)
+
+
+def intervention_agreement(true_clean_N, true_int_N, repl_int_RN, tol: float):
+    """Agreement with the true model where the intervention really changes the output.
+
+    Over the cases where the true model's output moves by more than ``tol``, the fraction
+    where the replacement's intervened output lands within ``tol`` of the true model's. A
+    model that skips the intermediate step predicts "no change" there and scores 0. [R];
+    NaN if no intervention changes the true output.
+    """
+    moved = (true_int_N - true_clean_N).abs() > tol
+    if not bool(moved.any()):
+        return torch.full(repl_int_RN.shape[:1], float("nan"))
+    hit = (repl_int_RN[:, moved] - true_int_N[moved][None]).abs() < tol
+    return hit.float().mean(-1)
+
+
+def output_agreement(pred_RN: torch.Tensor, true_N: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean absolute error and correlation of replacement vs true outputs, each [R]."""
+    mae = (pred_RN - true_N[None]).abs().mean(-1)
+    corr = correlation_matrix(pred_RN.T, true_N[:, None])[:, 0]
+    return {"mae": mae, "corr": corr}

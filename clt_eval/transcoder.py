@@ -11,6 +11,7 @@ Shapes: R runs, B samples, L layers (S source, T target), F features per layer, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ class Transcoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(R, L, D))
         self.W_skip = nn.Parameter(torch.zeros(R, L, D, D)) if cfg.skip else None
         self.log_threshold = (
-            nn.Parameter(torch.full((R, L, F), float(torch.tensor(cfg.jumprelu_threshold_init).log())))
+            nn.Parameter(torch.full((R, L, F), math.log(cfg.jumprelu_threshold_init)))
             if cfg.activation == "jumprelu" else None
         )
         # BatchTopK's inference threshold: a running estimate, not trained by gradient.

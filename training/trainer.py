@@ -63,7 +63,8 @@ def train(tc: Transcoder, loss_cfg: LossConfig, coefs_R: torch.Tensor,
             fired = (out.acts_RBLF > 0).any(1)
             since_fired = torch.where(fired, 0, since_fired + 1)
         if _due(step, cfg.log_every, cfg.steps):
-            last = {"loss": parts.total_R.detach(), "mse": parts.mse_R, "sparsity": parts.sparsity_R,
+            last = {"loss": parts.total_R.detach(), "mse": parts.mse_R,
+                    "sparsity": parts.sparsity_R,
                     "l0": (out.acts_RBLF > 0).float().sum((2, 3)).mean(1)}
             if logger is not None:
                 logger(step, last)

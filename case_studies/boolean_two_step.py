@@ -149,3 +149,13 @@ def truth_table() -> torch.Tensor:
     x = all_inputs()
     xor_ab, xor_cd = x[:, 0] != x[:, 1], x[:, 2] != x[:, 3]
     return 2.0 * (xor_ab & xor_cd).float()
+
+
+def _analytic():
+    from case_studies.boolean_two_step_costs import decompositions
+
+    return decompositions()
+
+
+# Optional extra of this case study: exact hand-built decompositions to price (GUIDE §4).
+BooleanTwoStep.analytic_decompositions = staticmethod(_analytic)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from clt_eval.config import DEFAULT_ACTIVATION, PENALTY_ACTIVATIONS, LossConfig, TranscoderConfig
-from clt_eval.errors import check_finite_nonneg, require
+from clt_eval.errors import check_choice, check_finite_nonneg, require
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,31 @@ class TrainConfig:
             check_finite_nonneg(name, getattr(self, name))
         require(self.lr > 0, f"lr={self.lr!r}: expected a number > 0")
         require(self.lambda_warmup_frac <= 1, "lambda_warmup_frac: expected a number in [0, 1]")
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    case_study: str = "boolean_two_step"
+    out: str = "runs/reproduce"
+    seeds: int = 10
+    n_features: int = 16
+    steps: int = 3000
+    quick: bool = False  # a seconds-long smoke run: 2 settings, 2 seeds, 200 steps
+    wandb_mode: str = "offline"
+    save_transcoders: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
+        require(isinstance(self.seeds, int) and self.seeds > 0, "seeds: expected an integer > 0")
+        require(isinstance(self.n_features, int) and self.n_features > 0,
+                "n_features: expected an integer > 0")
+
+    def effective(self) -> ReproduceConfig:
+        return replace(self, seeds=min(self.seeds, 2), steps=min(self.steps, 200)) \
+            if self.quick else self
 
 
 def field_names(cls) -> list[str]:

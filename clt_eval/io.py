@@ -1,0 +1,181 @@
+"""Save and load a single transcoder as a folder: ``config.json`` plus ``weights.safetensors``.
+
+safetensors plus JSON, never pickle (GUIDE §8.9): a weights file cannot run code when loaded.
+Saving is atomic: everything is written into a temporary sibling folder and renamed into place,
+so a crash or a bad input never leaves a half-written transcoder behind. Loading checks every
+field and tensor against the config and fails with one line naming the file and what was
+expected (GUIDE §8.10).
+
+Tensors on disk carry no run dim: ``W_enc`` [L,D,F], ``b_enc`` [L,F], ``W_dec`` [L,L,F,D],
+``b_dec`` [L,D], and when the config asks for them ``W_skip`` [L,D,D], ``log_threshold`` [L,F]
+(jumprelu), ``batchtopk_threshold`` [L] (batchtopk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from clt_eval.config import TranscoderConfig
+from clt_eval.errors import CltEvalError, require
+from clt_eval.transcoder import Transcoder
+
+FORMAT = "clt-eval"
+VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def expected_shapes(cfg: TranscoderConfig) -> dict[str, list[int]]:
+    """The tensors a folder for ``cfg`` must hold, and their shapes (no run dim)."""
+    L, F, D = cfg.n_layers, cfg.n_features, cfg.d_model
+    shapes = {"W_enc": [L, D, F], "b_enc": [L, F], "W_dec": [L, L, F, D], "b_dec": [L, D]}
+    if cfg.skip:
+        shapes["W_skip"] = [L, D, D]
+    if cfg.activation == "jumprelu":
+        shapes["log_threshold"] = [L, F]
+    if cfg.activation == "batchtopk":
+        shapes["batchtopk_threshold"] = [L]
+    return shapes
+
+
+# ---- saving ------------------------------------------------------------------------------
+def save_transcoder(tc: Transcoder, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``tc`` (one run) to the folder ``path``, replacing an earlier save there."""
+    require(tc.n_runs == 1, f"save_transcoder: expected a single run, got an ensemble of "
+            f"{tc.n_runs}; pick one with tc.select([r])")
+    target = Path(path)
+    _check_replaceable(target)
+    config = {"format": FORMAT, "version": VERSION, "transcoder": tc.cfg.to_dict(),
+              "extra": extra or {}}
+    try:  # serialise before touching the disk, so a bad `extra` writes nothing
+        config_text = json.dumps(config, indent=2)
+    except (TypeError, ValueError) as exc:
+        raise CltEvalError(f"{target}: extra is not JSON-serialisable ({exc})") from None
+    tensors = _tensors_to_save(tc)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling folder lies on the same filesystem, which makes the final rename atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(config_text)
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE))
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to delete anything that does not look like an earlier save: a typo in ``path``
+    must never wipe out an unrelated folder."""
+    if not target.exists():
+        return
+    require(target.is_dir(), f"{target}: exists and is not a folder; expected a clt-eval "
+            "transcoder folder or a new path")
+    others = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
+    require(not others, f"{target}: exists and holds other files {others}; expected an empty "
+            "folder or a clt-eval transcoder folder")
+
+
+def _tensors_to_save(tc: Transcoder) -> dict[str, torch.Tensor]:
+    # The masked decoder, so blocks a PLT does not have are stored as the zeros they act as.
+    full = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.masked_W_dec(), "b_dec": tc.b_dec,
+            "W_skip": tc.W_skip, "log_threshold": tc.log_threshold,
+            "batchtopk_threshold": tc.batchtopk_threshold}
+    # Clone: safetensors refuses views and tensors that share storage.
+    return {name: full[name][0].detach().cpu().contiguous().clone()
+            for name in expected_shapes(tc.cfg)}
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``. POSIX cannot rename onto a non-empty folder, so an old
+    save is first moved aside, and moved back if the rename fails."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old)  # `old` is empty, so this rename is allowed
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- loading -----------------------------------------------------------------------------
+def load_transcoder(path: str | Path) -> Transcoder:
+    """Read a folder written by ``save_transcoder`` into a one-run ``Transcoder`` in eval mode."""
+    folder = Path(path)
+    config_path = folder / CONFIG_FILE
+    data = _read_config(folder)
+    require("transcoder" in data, f"{config_path}: missing field 'transcoder'")
+    try:
+        cfg = TranscoderConfig.from_dict(data["transcoder"], source=str(config_path))
+    except CltEvalError as exc:  # __post_init__'s messages name the field but not the file
+        msg = str(exc)
+        raise CltEvalError(msg if str(config_path) in msg else f"{config_path}: {msg}") from None
+    tensors = _read_weights(folder / WEIGHTS_FILE, cfg)
+    tc = Transcoder([cfg])
+    with torch.no_grad():
+        for name, t in tensors.items():
+            getattr(tc, name).copy_(t[None])  # add the run dim back
+    return tc.eval()
+
+
+def load_extra(path: str | Path) -> dict:
+    """The ``extra`` dict saved alongside a transcoder (e.g. training metadata)."""
+    return _read_config(Path(path)).get("extra", {})
+
+
+def _read_config(folder: Path) -> dict:
+    require(folder.is_dir(), f"{folder}: missing; expected a clt-eval transcoder folder")
+    config_path = folder / CONFIG_FILE
+    require(config_path.is_file(),
+            f"{config_path}: missing; expected a clt-eval transcoder folder")
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        raise CltEvalError(f"{config_path}: not valid JSON ({exc})") from None
+    require(isinstance(data, dict), f"{config_path}: expected a JSON object")
+    require(data.get("format") == FORMAT,
+            f"{config_path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+    require(data.get("version") == VERSION,
+            f"{config_path}: field 'version' is {data.get('version')!r}, expected {VERSION}")
+    require(isinstance(data.get("extra", {}), dict),
+            f"{config_path}: field 'extra' must be a JSON object")
+    return data
+
+
+def _read_weights(weights_path: Path, cfg: TranscoderConfig) -> dict[str, torch.Tensor]:
+    require(weights_path.is_file(), f"{weights_path}: missing; expected the transcoder weights")
+    try:
+        tensors = safetensors.torch.load_file(str(weights_path))
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise CltEvalError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    shapes = expected_shapes(cfg)
+    missing = sorted(set(shapes) - set(tensors))
+    require(not missing, f"{weights_path}: missing tensor(s) {missing}; expected "
+            f"{sorted(shapes)} for activation={cfg.activation!r}, skip={cfg.skip}")
+    unexpected = sorted(set(tensors) - set(shapes))
+    require(not unexpected, f"{weights_path}: unexpected tensor(s) {unexpected}; expected "
+            f"{sorted(shapes)} for activation={cfg.activation!r}, skip={cfg.skip}")
+    dims = f"n_layers={cfg.n_layers}, n_features={cfg.n_features}, d_model={cfg.d_model}"
+    for name, shape in shapes.items():
+        t = tensors[name]
+        require(list(t.shape) == shape, f"{weights_path}: tensor {name!r} has shape "
+                f"{list(t.shape)}, expected {shape} from {CONFIG_FILE} ({dims})")
+        require(t.is_floating_point(),
+                f"{weights_path}: tensor {name!r} has dtype {t.dtype}, expected a float dtype")
+        bad = int((~torch.isfinite(t)).sum())
+        require(bad == 0, f"{weights_path}: tensor {name!r} has {bad} non-finite value(s) "
+                "(NaN or inf); expected finite numbers")
+    return tensors

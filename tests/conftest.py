@@ -1,0 +1,48 @@
+"""Shared fixtures: the Boolean two-step toy, its model and its MLP inputs/outputs.
+
+Session-scoped because building the toy imports transformer_lens (~9 s), which should happen
+once per test session.
+"""
+
+import os
+
+# Without this a Hugging Face hub lookup retries for ~25 s before failing (GUIDE §7).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def case():
+    import case_studies  # noqa: F401  (registers the built-in case studies)
+    from clt_eval.case_study import load_case_study
+
+    return load_case_study("boolean_two_step")
+
+
+@pytest.fixture(scope="session")
+def model(case):
+    return case.model()
+
+
+@pytest.fixture(scope="session")
+def toy_io(case, model):
+    """(x_BLD, y_BLD) of the toy on its 16 inputs."""
+    from clt_eval.replacement import collect_mlp_io
+
+    x, y, _ = collect_mlp_io(model, case.inputs(), case.input_hooks, case.output_hooks)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def x_BLD(toy_io):
+    return toy_io[0]
+
+
+@pytest.fixture(scope="session")
+def y_BLD(toy_io):
+    return toy_io[1]

@@ -1,0 +1,112 @@
+"""`clt-eval` command line. Options are generated from the config dataclasses, so the CLI
+and the configs cannot drift apart. Heavy libraries load inside the commands only."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from clt_eval.errors import CltEvalError
+from training.config import ReproduceConfig, RunSpec, TrainConfig
+
+# RunSpec fields that `train` accepts several values of, to train their product as a grid.
+GRID_FIELDS = ("arch", "sparsity_coef", "k", "seed")
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+
+
+def add_dataclass_options(parser, cls, grid=(), skip=()) -> None:
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        kind = _TYPES[str(f.type)]
+        if f.name in grid:
+            parser.add_argument(flag, type=kind, nargs="+", default=[default],
+                                help=f"one or more values (default {default})")
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f"default {default}")
+
+
+def _values(args, cls, skip=()) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in skip}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clt-eval", description="Train or load per-layer and "
+                                "cross-layer transcoders and measure their faithfulness.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reproduce", help="PLT vs CLT on the Boolean two-step toy (main job)")
+    add_dataclass_options(r, ReproduceConfig)
+    t = sub.add_parser("train", help="train a grid of runs on a case study")
+    t.add_argument("--case-study", default="boolean_two_step")
+    t.add_argument("--out", default="runs/train")
+    t.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled"))
+    add_dataclass_options(t, RunSpec, grid=GRID_FIELDS)
+    add_dataclass_options(t, TrainConfig)
+    e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
+    e.add_argument("run_dir", help="a transcoder folder, or a folder holding transcoders/")
+    sub.add_parser("case-studies", help="list registered case studies")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"reproduce": _reproduce, "train": _train, "evaluate": _evaluate,
+                "case-studies": _case_studies}[args.command](args)
+    except CltEvalError as exc:
+        print(f"clt-eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _reproduce(args) -> int:
+    from training.reproduce import reproduce
+
+    cfg = ReproduceConfig(**_values(args, ReproduceConfig))
+    result = reproduce(cfg)
+    print(f"wrote {result['report']}")
+    return 0
+
+
+def _train(args) -> int:
+    from training.runs import train_grid
+
+    base = _values(args, RunSpec, skip=GRID_FIELDS)
+    grid = [getattr(args, name) for name in GRID_FIELDS]
+    specs = [RunSpec(**base, **dict(zip(GRID_FIELDS, combo, strict=True)))
+             for combo in itertools.product(*grid)]
+    train_cfg = TrainConfig(**_values(args, TrainConfig))
+    out = train_grid(args.case_study, specs, train_cfg, Path(args.out), args.wandb_mode)
+    print(f"trained {len(specs)} runs; wrote {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from training.runs import evaluate_dir
+
+    for rid, metrics in evaluate_dir(Path(args.run_dir)).items():
+        keep = ("nmse", "l0_total", "skip_fraction", "middle_feature_recovery",
+                "intervention_agreement", "output_accuracy")
+        print(rid, json.dumps({k: metrics[k] for k in keep}))
+    return 0
+
+
+def _case_studies(args) -> int:
+    import case_studies  # noqa: F401
+    from clt_eval.case_study import case_study_names
+
+    for name, desc in case_study_names().items():
+        print(f"{name}\t{desc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Train a list of runs on a case study as vectorised ensembles, then evaluate each run.
+
+A sweep is data: a list of ``RunSpec``s. Runs that share an ensemble key (shapes and loss
+form) train together as one ``Transcoder``; λ, k, arch and seed vary inside an ensemble.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from clt_eval.evaluate import evaluate
+from clt_eval.replacement import collect_mlp_io
+from clt_eval.transcoder import Transcoder
+from training.config import RunSpec, TrainConfig
+from training.trainer import full_batches, init_b_dec, train
+
+
+def run_id(spec: RunSpec) -> str:
+    knob = f"k{spec.k}" if spec.k is not None else f"lam{spec.sparsity_coef:g}"
+    return f"{spec.arch}-{spec.penalty}-{spec.decoder_norm}-{knob}-w{spec.n_features}-s{spec.seed}"
+
+
+def record(spec: RunSpec, metrics: dict) -> dict:
+    return {"run_id": run_id(spec), "arch": spec.arch, "penalty": spec.penalty,
+            "decoder_norm": spec.decoder_norm, "sparsity_coef": spec.sparsity_coef,
+            "k": spec.k, "seed": spec.seed, "n_features": spec.n_features,
+            "spec": spec.to_dict(), "metrics": metrics}
+
+
+def group_specs(specs: list[RunSpec]) -> list[list[RunSpec]]:
+    groups: dict[tuple, list[RunSpec]] = defaultdict(list)
+    for s in specs:
+        groups[s.ensemble_key()].append(s)
+    return list(groups.values())
+
+
+@dataclass
+class EnsembleResult:
+    specs: list[RunSpec]
+    transcoder: Transcoder
+    records: list[dict]
+
+
+def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, progress=None):
+    """Train one ensemble of compatible runs and evaluate every member."""
+    x, y = data
+    cfgs = [s.transcoder_config(case.d_model, case.n_layers) for s in specs]
+    tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
+    init_b_dec(tc, y)
+    coefs = torch.tensor([s.sparsity_coef for s in specs])
+    batches = full_batches(x, y, train_cfg.batch_size, seed=specs[0].seed)
+    final = train(tc, specs[0].loss_config(), coefs, batches, train_cfg, logger, progress)
+    metrics = evaluate(case, tc, model)
+    for m, i in zip(metrics, range(len(specs)), strict=True):
+        m["final_loss"] = float(final["loss"][i])
+    return EnsembleResult(specs, tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)])
+
+
+def case_data(case, model):
+    """(x_BLD, y_BLD): MLP inputs and outputs of the case study's data set."""
+    x, y, _ = collect_mlp_io(model, case.inputs(), case.input_hooks, case.output_hooks)
+    return x, y
+
+
+def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=True):
+    """Train one ensemble as one wandb run (config, per-run losses, metrics table), then save
+    each member transcoder under ``out/transcoders/<run_id>``; returns the run records."""
+    from clt_eval.io import save_transcoder
+
+    ids = [run_id(s) for s in group]
+    logger.start(f"{group[0].penalty}-{group[0].decoder_norm}-{ids[0]}",
+                 {"case_study": case.name, "train": train_cfg.__dict__,
+                  "runs": {i: s.to_dict() for i, s in zip(ids, group, strict=True)}})
+    res = train_group(case, model, group, train_cfg, data, logger.ensemble_logger(ids), bar)
+    logger.table("runs", [flat_record(r) for r in res.records])
+    logger.finish()
+    if save:
+        for i, (spec, rid) in enumerate(zip(group, ids, strict=True)):
+            save_transcoder(res.transcoder.select([i]), out / "transcoders" / rid,
+                            extra={"case_study": case.name, "run": spec.to_dict()})
+    return res.records
+
+
+def flat_record(rec: dict) -> dict:
+    """A run record as one flat row (per-feature matches left out) for tables."""
+    m = {k: v for k, v in rec["metrics"].items() if k != "matches"}
+    return {k: rec[k] for k in ("run_id", "arch", "penalty", "decoder_norm", "sparsity_coef",
+                                "k", "seed")} | m

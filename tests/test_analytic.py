@@ -88,7 +88,7 @@ def test_tanh_costs(decomps, x_BLD):
     for norm in NORMS:
         assert math.isclose(faithful[f"tanh/{norm}"].item(), want, rel_tol=1e-5), norm
     shortcut = sparsity_costs(decomps["clt_shortcut"], x_BLD, tanh_scale=1.0)
-    want = 0.5 * math.tanh(1) + 0.25 * math.tanh(SQ2) + 0.25 * math.tanh(SQ6)
+    want = 0.5 * math.tanh(1) + 0.25 * math.tanh(SQ6)
     assert math.isclose(shortcut["tanh/concatenated"].item(), want, rel_tol=1e-5)
     # per_block tanh saturates each block separately: tanh(√2) + tanh(2) per corner.
     want = 0.5 * math.tanh(1) + 0.25 * (math.tanh(SQ2) + math.tanh(2))
@@ -125,3 +125,19 @@ def test_evaluate_on_decompositions(name, decomps, case, model):
     assert res["skips"] == float(skip > 0.5)
     assert math.isclose(res["middle_feature_recovery"], recovery, abs_tol=1e-6)
     assert math.isclose(res["intervention_agreement"], agreement, abs_tol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "clt_eval/costs.py:24 runs tc(x) without switching to eval mode: a BatchTopK transcoder "
+    "still in train mode (the default after construction) uses batch-level selection and "
+    "its batchtopk_threshold buffer is moved by the EMA (lerp_ ignores no_grad), so this "
+    "'pure function' mutates its argument"))
+def test_sparsity_costs_leaves_batchtopk_transcoder_unchanged():
+    from clt_eval.config import TranscoderConfig
+    from clt_eval.transcoder import Transcoder
+
+    tc = Transcoder([TranscoderConfig(d_model=4, n_layers=2, n_features=3,
+                                      activation="batchtopk", k=1)])
+    before = tc.batchtopk_threshold.clone()
+    sparsity_costs(tc, torch.randn(8, 2, 4))
+    assert torch.equal(tc.batchtopk_threshold, before)

@@ -73,7 +73,7 @@ def test_hook_points_exist_and_are_captured(case, model):
     for name in hooks:
         assert name in cache, name
         assert cache[name].shape[0] == 16
-    x, y, extra = collect_mlp_io(model, case.inputs(), case.input_hooks, case.output_hooks,
+    _, _, extra = collect_mlp_io(model, case.inputs(), case.input_hooks, case.output_hooks,
                                  ["blocks.1.mlp.hook_post"])
     assert torch.equal(extra["blocks.1.mlp.hook_post"][:, 0], _toy_truth(case.inputs()) / 2)
 

@@ -30,8 +30,8 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         # Building both configs runs every field check once, in one place.
+        self.loss_config()  # first: it checks the penalty name the activation depends on
         self.transcoder_config(d_model=1, n_layers=1)
-        self.loss_config()
         act = self.resolved_activation
         require(act in PENALTY_ACTIVATIONS[self.penalty],
                 f"activation={act!r} with penalty={self.penalty!r}: expected one of "

@@ -1,0 +1,113 @@
+"""The command line: bad input gives one line and exit 2 with nothing written; the main job
+runs end to end on --quick."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from training.cli import main
+
+
+def _run(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--penalty", "bogus"], "penalty='bogus'"),
+    (["--activation", "sigmoid"], "activation='sigmoid'"),
+    (["--decoder-norm", "max"], "decoder_norm='max'"),
+    (["--sparsity-coef", "-0.1"], "sparsity_coef=-0.1"),
+    (["--sparsity-coef", "nan"], "sparsity_coef=nan"),
+    (["--penalty", "topk", "--decoder-norm", "summed"], "decoder_norm='summed'"),
+    (["--n-features", "0"], "n_features=0"),
+    (["--case-study", "nope", "--decoder-norm", "summed"], "case study 'nope'"),
+])
+def test_train_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(["train", "--out", str(out), "--wandb-mode", "disabled"] + args, capsys)
+    assert code == 2
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_reproduce_bad_wandb_mode(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse has no choices here: the config checks
+        code, err = _run(["reproduce", "--wandb-mode", "sometimes", "--out", str(tmp_path / "o")],
+                         capsys)
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_folder_without_config(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _run(["evaluate", str(tmp_path / "empty")], capsys)
+    assert code == 2 and len(err) == 1 and "config.json" in err[0]
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_evaluate_rejects_wrong_shaped_weights(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from clt_eval.config import TranscoderConfig
+    from clt_eval.io import save_transcoder
+    from clt_eval.transcoder import Transcoder
+
+    d = tmp_path / "tc"
+    save_transcoder(Transcoder([TranscoderConfig(d_model=10, n_layers=2, n_features=4)]), d,
+                    extra={"case_study": "boolean_two_step"})
+    tensors = load_file(d / "weights.safetensors")
+    tensors["W_enc"] = torch.zeros(2, 10, 5)
+    save_file(tensors, d / "weights.safetensors")
+    code, err = _run(["evaluate", str(d)], capsys)
+    assert code == 2 and len(err) == 1 and "W_enc" in err[0]
+    assert not (d / "metrics.json").exists()
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys, training.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformer_lens', 'sae_lens', 'wandb') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_case_studies_lists_the_toy(capsys):
+    assert main(["case-studies"]) == 0
+    assert "boolean_two_step" in capsys.readouterr().out
+
+
+def test_reproduce_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--quick", "--out", str(out), "--wandb-mode", "offline"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["arch"] for r in runs} == {"plt", "clt"}
+    for r in runs:
+        assert {"arch", "penalty", "decoder_norm", "sparsity_coef", "seed", "metrics"} <= set(r)
+        m = r["metrics"]
+        for key in ("nmse", "l0_per_layer", "l0_total", "middle_feature_recovery",
+                    "skip_fraction", "intervention_agreement", "output_accuracy"):
+            assert key in m
+        assert len(m["l0_per_layer"]) == 2
+        assert (out / "transcoders" / r["run_id"] / "weights.safetensors").exists()
+        if r["arch"] == "plt":  # a PLT has no cross-layer decoder, so it cannot skip
+            assert m["skip_fraction"] in (0.0, None)
+    analytic = json.loads((out / "analytic_costs.json").read_text())
+    assert analytic["faithful"]["costs"]["l1/concatenated"] == pytest.approx(1.5)
+    report = (out / "report.md").read_text()
+    assert "matched L0" in report and "Analytic sparsity costs" in report
+    assert (out / "skip_fraction.png").stat().st_size > 1000
+    assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    # Re-evaluating a saved transcoder reproduces the metrics recorded at training time.
+    rid = runs[0]["run_id"]
+    assert main(["evaluate", str(out / "transcoders" / rid)]) == 0
+    again = json.loads((out / "transcoders" / rid / "metrics.json").read_text())
+    assert again["nmse"] == pytest.approx(runs[0]["metrics"]["nmse"], rel=1e-4, abs=1e-7)
+    assert again["skip_fraction"] == runs[0]["metrics"]["skip_fraction"]

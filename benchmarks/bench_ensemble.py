@@ -49,7 +49,7 @@ def main() -> None:
                         seeds=[s.seed for s in group])
         init_b_dec(tc, y)
         coefs = torch.tensor([s.sparsity_coef for s in group])
-        train(tc, group[0].loss_config(), coefs, full_batches(x, y), cfg)
+        train(tc, [s.loss_config() for s in group], coefs, full_batches(x, y), cfg)
         return tc
 
     fit(specs[:2])  # warm-up: first-call overheads are not part of either measurement

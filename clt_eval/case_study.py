@@ -52,7 +52,7 @@ class CaseStudy(Protocol):
 
     def inputs(self) -> torch.Tensor: ...  # the data set, one row per sample
 
-    def off_distribution_inputs(self, n: int, seed: int) -> torch.Tensor: ...
+    def off_distribution_inputs(self, n: int = 512, seed: int = 0) -> torch.Tensor: ...
 
     def output_value(self, model_out: torch.Tensor) -> torch.Tensor: ...  # C per sample, [N]
 

@@ -21,7 +21,10 @@ def sparsity_costs(tc: Transcoder, x_BLD: torch.Tensor, tanh_scale: float = 1.0)
     ``max_l0`` is the largest number of active features any sample needs: the smallest joint
     TopK budget k that can reproduce the decomposition exactly.
     """
+    was_training = tc.training
+    tc.eval()  # inference-time activations (BatchTopK's threshold), and no buffer updates
     acts = tc(x_BLD).acts_RBLF
+    tc.train(was_training)
     block_norms = tc.decoder_block_norms()
     out = {}
     for penalty in ("l1", "tanh"):
@@ -32,3 +35,11 @@ def sparsity_costs(tc: Transcoder, x_BLD: torch.Tensor, tanh_scale: float = 1.0)
     out["l0"] = active.mean(1)
     out["max_l0"] = active.amax(1)
     return out
+
+
+def cost_key(penalty: str, decoder_norm: str) -> str | None:
+    """Which entry of ``sparsity_costs`` prices a run trained with this penalty: the penalty
+    itself, or for topk the per-sample budget it needs (``max_l0``), for batchtopk the mean."""
+    if penalty in ("l1", "tanh"):
+        return f"{penalty}/{decoder_norm}"
+    return {"l0": "l0", "topk": "max_l0", "batchtopk": "l0"}.get(penalty)

@@ -13,6 +13,7 @@ from clt_eval.replacement import collect_mlp_io, run_replacement
 # Thresholds for "recovered" (GUIDE §5) and for "skips" (the output is mostly written
 # through cross-layer decoders).
 CORR_MIN, COS_MIN, SKIP_THRESHOLD = 0.9, 0.9, 0.5
+OFF_DISTRIBUTION_SAMPLES = 512
 
 
 def output_tolerance(true_out: torch.Tensor) -> float:
@@ -89,7 +90,7 @@ def _behaviour(case, model, tc, inputs, true_final) -> dict:
     cat = [torch.cat([v[i] for v in cases.values()], dim=-1) for i in range(3)]
     res["intervention_agreement"] = M.intervention_agreement(*cat, tol)
     res["intervention_agreement_by_kind"] = torch.stack(list(agree.values()), -1)
-    off = case.off_distribution_inputs()
+    off = case.off_distribution_inputs(n=OFF_DISTRIBUTION_SAMPLES, seed=0)
     off_true = case.output_value(model(off))
     off_repl, _, _ = run_replacement(model, tc, off, *hooks)
     agreement = M.output_agreement(case.output_value(off_repl), off_true)

@@ -7,12 +7,13 @@ the ensemble is the same as training each run alone.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from clt_eval import activations as act
-from clt_eval.config import LossConfig
+from clt_eval.config import NORMED_PENALTIES, LossConfig
 from clt_eval.transcoder import Transcoder, TranscoderOutput
 
 
@@ -50,16 +51,37 @@ def penalty_terms(acts_RBLF, norms, penalty: str, tanh_scale: float) -> torch.Te
     return terms.flatten(2).sum(-1)
 
 
-def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfg: LossConfig) -> torch.Tensor:
-    """Mean over the batch of the per-sample penalty, [R] (λ not applied)."""
+def per_run(cfgs: LossConfig | list[LossConfig], R: int) -> list[LossConfig]:
+    """One loss config per run: runs of one ensemble may use different penalties and norms."""
+    return [cfgs] * R if isinstance(cfgs, LossConfig) else list(cfgs)
+
+
+def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs) -> torch.Tensor:
+    """Mean over the batch of each run's per-sample penalty, [R] (λ not applied).
+
+    Runs are grouped by (penalty, norm, c) and each group is priced on its own slice, so
+    l1 and tanh runs with any decoder norm train side by side in one ensemble.
+    """
     R = out.acts_RBLF.shape[0]
-    if cfg.penalty in ("l1", "tanh"):
-        norms = feature_norms(tc.decoder_block_norms(), cfg.decoder_norm)
-        return penalty_terms(out.acts_RBLF, norms, cfg.penalty, cfg.tanh_scale).mean(1)
-    if cfg.penalty == "l0":
-        steps = act.step_l0(out.pre_RBLF, tc.threshold()[:, None], tc.cfg.jumprelu_bandwidth)
-        return steps.flatten(1).sum(-1) / out.pre_RBLF.shape[1]
-    return out.acts_RBLF.new_zeros(R)  # topk / batchtopk: a fixed budget, no penalty
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for r, c in enumerate(per_run(cfgs, R)):
+        groups[(c.penalty, c.decoder_norm, c.tanh_scale)].append(r)
+    result = out.acts_RBLF.new_zeros(R)
+    block_norms = tc.decoder_block_norms() if any(k[0] in NORMED_PENALTIES for k in groups) \
+        else None
+    for (penalty, norm, scale), runs in groups.items():
+        idx = torch.tensor(runs, device=result.device)
+        if penalty in NORMED_PENALTIES:
+            norms = feature_norms(block_norms[idx], norm)
+            value = penalty_terms(out.acts_RBLF[idx], norms, penalty, scale).mean(1)
+        elif penalty == "l0":
+            thr = tc.threshold()[idx][:, None]
+            steps = act.step_l0(out.pre_RBLF[idx], thr, tc.cfg.jumprelu_bandwidth)
+            value = steps.flatten(1).sum(-1) / out.pre_RBLF.shape[1]
+        else:  # topk / batchtopk: a fixed budget, no penalty
+            continue
+        result = result.index_put((idx,), value)
+    return result
 
 
 def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF) -> torch.Tensor:
@@ -85,17 +107,22 @@ class LossParts:
     sparsity_R: torch.Tensor
 
 
-def training_loss(tc, out, target_BLD, cfg: LossConfig, coef_R, dead_RLF=None) -> LossParts:
+def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts:
     """Reconstruction (summed over layers and dims, mean over samples) + λ·penalty + extras.
 
-    ``coef_R`` is each run's current λ (after warm-up).
+    ``cfgs`` is one ``LossConfig`` for all runs or one per run; ``coef_R`` is each run's
+    current λ (after warm-up).
     """
-    B = target_BLD.shape[0]
+    B, R = target_BLD.shape[0], out.acts_RBLF.shape[0]
+    cfgs = per_run(cfgs, R)
     mse = (out.recon_RBLD - target_BLD[None]).pow(2).flatten(1).sum(-1) / B
-    sparsity = sparsity_penalty(tc, out, cfg)
+    sparsity = sparsity_penalty(tc, out, cfgs)
     total = mse + coef_R * sparsity
-    if cfg.preact_coef > 0:
-        total = total + cfg.preact_coef * (-out.pre_RBLF).relu().flatten(1).sum(-1) / B
-    if cfg.penalty in ("topk", "batchtopk") and cfg.auxk_coef > 0 and dead_RLF is not None:
-        total = total + cfg.auxk_coef * auxk_loss(tc, out, target_BLD, dead_RLF)
+    preact = torch.tensor([c.preact_coef for c in cfgs])
+    if bool((preact > 0).any()):
+        total = total + preact * (-out.pre_RBLF).relu().flatten(1).sum(-1) / B
+    auxk = torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
+                         for c in cfgs])
+    if bool((auxk > 0).any()) and dead_RLF is not None:
+        total = total + auxk * auxk_loss(tc, out, target_BLD, dead_RLF)
     return LossParts(total, mse.detach(), sparsity.detach())

@@ -181,3 +181,18 @@ def test_training_loss_adds_auxk_for_topk_only_with_dead_features():
     with_dead = training_loss(tc, out, y, cfg, zero, dead).total_R
     torch.testing.assert_close(with_dead - base, 0.25 * auxk_loss(tc, out, y, dead))
     assert (with_dead > base).all()
+
+
+def test_per_run_loss_configs_price_each_run_on_its_own():
+    cfg = TranscoderConfig(d_model=D, n_layers=L, n_features=F)
+    tc = Transcoder([cfg] * 3, seeds=[0, 1, 2])
+    x = torch.randn(6, L, D)
+    out = tc(x)
+    cfgs = [LossConfig(penalty="l1", decoder_norm="concatenated"),
+            LossConfig(penalty="tanh", decoder_norm="summed", tanh_scale=2.0),
+            LossConfig(penalty="l1", decoder_norm="per_block")]
+    mixed = sparsity_penalty(tc, out, cfgs)
+    for r, c in enumerate(cfgs):
+        one = tc.select([r])
+        torch.testing.assert_close(mixed[r:r + 1], sparsity_penalty(one, one(x), c))
+    assert len(set(mixed.tolist())) == 3

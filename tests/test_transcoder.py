@@ -212,7 +212,7 @@ def test_select_stack_round_trip():
 
 
 ENSEMBLES = {
-    # name: (run configs, loss config, λ per run, dead_window)
+    # name: (run configs, loss config (or one per run), λ per run, dead_window)
     "relu_l1_clt_plt": (
         [dict(arch="clt"), dict(arch="plt")],
         LossConfig(penalty="l1", decoder_norm="concatenated", preact_coef=1e-3),
@@ -221,6 +221,12 @@ ENSEMBLES = {
         [dict(activation="topk", k=1), dict(activation="topk", k=3)],
         LossConfig(penalty="topk", decoder_norm="none"),
         [0.0, 0.0], 3),
+    # One loss config per run: penalties and decoder norms may differ inside an ensemble.
+    "l1_and_tanh_per_run_loss": (
+        [dict(arch="clt"), dict(arch="clt")],
+        [LossConfig(penalty="l1", decoder_norm="concatenated"),
+         LossConfig(penalty="tanh", decoder_norm="summed", tanh_scale=2.0)],
+        [0.2, 0.2], 200),
 }
 
 
@@ -233,15 +239,16 @@ def test_ensemble_runs_train_independently(name, x_BLD, y_BLD):
     train_cfg = TrainConfig(steps=20, lr=1e-2, lr_warmup_steps=5, log_every=0,
                             dead_window=dead_window)
 
-    def fit(cfg_list, seed_list, coef_list):
+    def fit(cfg_list, seed_list, coef_list, loss):
         tc = Transcoder(cfg_list, seeds=seed_list)
         init_b_dec(tc, y_BLD)
-        train(tc, loss_cfg, torch.tensor(coef_list), full_batches(x_BLD, y_BLD), train_cfg)
+        train(tc, loss, torch.tensor(coef_list), full_batches(x_BLD, y_BLD), train_cfg)
         return tc
 
-    both = fit(cfgs, seeds, coefs)
+    both = fit(cfgs, seeds, coefs, loss_cfg)
     for r in range(2):
-        alone = fit([cfgs[r]], [seeds[r]], [coefs[r]])
+        loss_r = loss_cfg[r] if isinstance(loss_cfg, list) else loss_cfg
+        alone = fit([cfgs[r]], [seeds[r]], [coefs[r]], loss_r)
         start = Transcoder([cfgs[r]], seeds=[seeds[r]])
         moved = False
         for pname, p in alone.named_parameters():

@@ -60,7 +60,7 @@ def matched_pair(arch_runs: dict) -> tuple | None:
 
 
 COMPARED = ("l0_total", "nmse", "skip_fraction", "skips", "middle_feature_recovery",
-            "intervention_agreement", "output_accuracy", "offdist_mae")
+            "intervention_agreement", "output_accuracy", "offdist_mae", "sparsity_cost")
 
 
 def matched_table(records: list[dict]) -> list[dict]:

@@ -54,10 +54,11 @@ class RunSpec:
                           preact_coef=self.preact_coef)
 
     def ensemble_key(self) -> tuple:
-        """Runs with equal keys share shapes and loss form, so they train as one ensemble;
-        arch, λ, k and seed vary freely inside it."""
-        d = asdict(self)
-        for name in ("arch", "sparsity_coef", "k", "seed"):
+        """Runs with equal keys share shapes and activation, so they train as one ensemble;
+        arch, penalty (within an activation), decoder norm, λ, k and seed vary inside it."""
+        d = asdict(self) | {"activation": self.resolved_activation}
+        for name in ("arch", "penalty", "decoder_norm", "tanh_scale", "sparsity_coef", "k",
+                     "seed"):
             d.pop(name)
         return tuple(sorted(d.items()))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clt_eval.costs import cost_key, sparsity_costs
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.transcoder import Transcoder
@@ -52,10 +53,13 @@ def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, p
     init_b_dec(tc, y)
     coefs = torch.tensor([s.sparsity_coef for s in specs])
     batches = full_batches(x, y, train_cfg.batch_size, seed=specs[0].seed)
-    final = train(tc, specs[0].loss_config(), coefs, batches, train_cfg, logger, progress)
+    final = train(tc, [s.loss_config() for s in specs], coefs, batches, train_cfg, logger,
+                  progress)
     metrics = evaluate(case, tc, model)
-    for m, i in zip(metrics, range(len(specs)), strict=True):
+    costs = sparsity_costs(tc, x)  # each run priced as the analytic decompositions are
+    for i, (m, s) in enumerate(zip(metrics, specs, strict=True)):
         m["final_loss"] = float(final["loss"][i])
+        m["sparsity_cost"] = float(costs[cost_key(s.penalty, s.decoder_norm)][i])
     return EnsembleResult(specs, tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)])
 
 
@@ -71,7 +75,7 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
     from clt_eval.io import save_transcoder
 
     ids = [run_id(s) for s in group]
-    logger.start(f"{group[0].penalty}-{group[0].decoder_norm}-{ids[0]}",
+    logger.start(f"{group[0].resolved_activation}-{ids[0]}",
                  {"case_study": case.name, "train": train_cfg.__dict__,
                   "runs": {i: s.to_dict() for i, s in zip(ids, group, strict=True)}})
     res = train_group(case, model, group, train_cfg, data, logger.ensemble_logger(ids), bar)

@@ -40,10 +40,12 @@ def init_b_dec(tc: Transcoder, y_BLD: torch.Tensor) -> None:
         tc.b_dec.copy_(y_BLD.mean(0).expand_as(tc.b_dec))
 
 
-def train(tc: Transcoder, loss_cfg: LossConfig, coefs_R: torch.Tensor,
+def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torch.Tensor,
           batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
           logger: Logger | None = None, progress=None) -> dict:
-    """Train all runs of ``tc`` in place; returns the last logged values ([R] tensors)."""
+    """Train all runs of ``tc`` in place; returns the last logged values ([R] tensors).
+
+    ``loss_cfg`` is one config for every run or a list with one per run."""
     tc.train()
     opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))

@@ -135,6 +135,9 @@ class BooleanTwoStep:
             GroundTruthLayer(1, "blocks.1.mlp.hook_post", (OUTPUT_NAME,), 2 * eye[Y:Y + 1]),
         ]
 
+    def input_directions(self) -> torch.Tensor:
+        return torch.eye(D_MODEL)[:4]
+
     def circuit(self) -> Circuit:
         a_to_b = [(INPUT_NAMES[2 * (j // 2) + i], h)
                   for j, h in enumerate(HALF_XOR_NAMES) for i in range(2)]

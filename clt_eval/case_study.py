@@ -58,6 +58,8 @@ class CaseStudy(Protocol):
 
     def ground_truth(self) -> list[GroundTruthLayer]: ...
 
+    def input_directions(self) -> torch.Tensor: ...  # [I, D]: where the inputs A live
+
     def circuit(self) -> Circuit: ...
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from clt_eval import metrics as M
-from clt_eval.interventions import intervention_cases
+from clt_eval.interventions import intervention_cases, projector
 from clt_eval.replacement import collect_mlp_io, run_replacement
 
 # Thresholds for "recovered" (GUIDE §5) and for "skips" (the output is mostly written
@@ -36,6 +36,7 @@ def evaluate(case, tc, model=None) -> list[dict]:
     middle = [g.layer for g in gt_layers].index(case.middle_layer)
     per_run["middle_feature_recovery"] = per_run["recovery_per_layer"][:, middle]
     per_run |= _skip(case, tc, out, gt_layers)
+    per_run["output_reads_inputs"] = _reads_inputs(case, tc, out, x, gt_layers)
     per_run |= _behaviour(case, model, tc, inputs, cache["output"])
     return [{k: _item(v, r) for k, v in per_run.items()} for r in range(tc.n_runs)]
 
@@ -76,6 +77,15 @@ def _skip(case, tc, out, gt_layers) -> dict:
     contrib = tc.contributions(out.acts_RBLF)[:, :, :, case.output_layer]  # [R,B,S,D]
     frac = M.skip_fraction(contrib, gt_c.directions_GD[0], case.output_layer)
     return {"skip_fraction": frac, "skips": (frac > SKIP_THRESHOLD).float()}
+
+
+def _reads_inputs(case, tc, out, x, gt_layers) -> list[float]:
+    """Per run: share of the output layer's feature inputs that comes from A, not B."""
+    b_dirs = next(g for g in gt_layers if g.layer == case.middle_layer).directions_GD
+    P_a, P_b = projector(case.input_directions()), projector(b_dirs)
+    layer = case.output_layer
+    return [M.read_share(x[:, layer], tc.W_enc[r, layer], out.acts_RBLF[r, :, layer], P_a, P_b)
+            for r in range(tc.n_runs)]
 
 
 def _behaviour(case, model, tc, inputs, true_final) -> dict:

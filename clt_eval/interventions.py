@@ -13,7 +13,7 @@ import torch
 from clt_eval.replacement import run_replacement, run_true_model
 
 
-def _projector(dirs_GD: torch.Tensor) -> torch.Tensor:
+def projector(dirs_GD: torch.Tensor) -> torch.Tensor:
     q, _ = torch.linalg.qr(dirs_GD.T.float())  # orthonormal basis of span(B), [D, G]
     return q @ q.T
 
@@ -42,11 +42,11 @@ def intervention_cases(case, model, tc, inputs):
     ablations = {"ablate_all": gt.directions_GD}
     ablations |= {f"ablate_{n}": gt.directions_GD[i:i + 1] for i, n in enumerate(gt.names)}
     for kind, dirs in ablations.items():
-        P = _projector(dirs)
+        P = projector(dirs)
         t = out(run_true_model(model, inputs, case.output_hooks, {m: _ablate(P)}))
         r, _, _ = run_replacement(model, tc, inputs, *hooks, {m: _ablate(P)})
         results[kind] = (true_clean, t, out(r))
-    results["patch"] = _patch_pairs(case, model, tc, inputs, _projector(gt.directions_GD))
+    results["patch"] = _patch_pairs(case, model, tc, inputs, projector(gt.directions_GD))
     return results
 
 

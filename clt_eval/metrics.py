@@ -108,3 +108,18 @@ def output_agreement(pred_RN: torch.Tensor, true_N: torch.Tensor) -> dict[str, t
     mae = (pred_RN - true_N[None]).abs().mean(-1)
     corr = correlation_matrix(pred_RN.T, true_N[:, None])[:, 0]
     return {"mae": mae, "corr": corr}
+
+
+def read_share(x_ND, W_enc_DF, acts_NF, P_a_DD, P_b_DD) -> float:
+    """How much features read subspace A rather than B, by direct attribution.
+
+    Each active feature's pre-activation gets |w·P_A x| from A and |w·P_B x| from B (the
+    input×weight edges an attribution graph draws); weighted by activation, the share from A.
+    For the output-layer features of a two-step circuit, 0 means C is computed from B (the
+    true circuit), 1 means C is read straight from the inputs A. NaN if nothing is active.
+    """
+    from_a = ((x_ND @ P_a_DD) @ W_enc_DF).abs()
+    from_b = ((x_ND @ P_b_DD) @ W_enc_DF).abs()
+    a = (acts_NF * from_a).sum()
+    total = a + (acts_NF * from_b).sum()
+    return float(a / total) if float(total) > 1e-12 else float("nan")

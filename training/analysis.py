@@ -45,7 +45,7 @@ def _mean(recs, key):
 
 def matched_pair(arch_runs: dict) -> tuple | None:
     """Pick (knob_plt, knob_clt) whose mean total L0 agree best, among well-reconstructing
-    settings; ties go to the sparser (larger knob for λ) pair. None if no pair qualifies."""
+    settings; ties go to the sparser pair (lower L0). None if no pair qualifies."""
     def ok(recs):
         m = _mean(recs, "nmse")
         return m is not None and m <= NMSE_OK
@@ -53,14 +53,15 @@ def matched_pair(arch_runs: dict) -> tuple | None:
     clt_ok = {k: _mean(v, "l0_total") for k, v in arch_runs.get("clt", {}).items() if ok(v)}
     if not plt_ok or not clt_ok:
         return None
-    pairs = [(abs(lp - lc), -(kp + kc), kp, kc) for kp, lp in plt_ok.items()
+    pairs = [(round(abs(lp - lc), 6), lp + lc, kp, kc) for kp, lp in plt_ok.items()
              for kc, lc in clt_ok.items()]
     _, _, kp, kc = min(pairs)
     return kp, kc
 
 
 COMPARED = ("l0_total", "nmse", "skip_fraction", "skips", "middle_feature_recovery",
-            "intervention_agreement", "output_accuracy", "offdist_mae", "sparsity_cost")
+            "intervention_agreement", "output_accuracy", "offdist_mae", "sparsity_cost",
+            "output_reads_inputs")
 
 
 def matched_table(records: list[dict]) -> list[dict]:

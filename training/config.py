@@ -27,6 +27,7 @@ class RunSpec:
     # pre-activation near θ, so θ would not learn (measured: L0 stays at 5-8 with ε = 0.05).
     jumprelu_bandwidth: float = 1.0
     jumprelu_threshold_init: float = 0.1
+    skip: bool = False  # skip transcoder: add a learned linear map W_skip x to each output
 
     def __post_init__(self) -> None:
         # Building both configs runs every field check once, in one place.
@@ -46,7 +47,8 @@ class RunSpec:
                                 arch=self.arch, activation=self.resolved_activation, k=self.k,
                                 topk_mode=self.topk_mode,
                                 jumprelu_bandwidth=self.jumprelu_bandwidth,
-                                jumprelu_threshold_init=self.jumprelu_threshold_init)
+                                jumprelu_threshold_init=self.jumprelu_threshold_init,
+                                skip=self.skip)
 
     def loss_config(self) -> LossConfig:
         return LossConfig(penalty=self.penalty, decoder_norm=self.decoder_norm,

@@ -71,17 +71,19 @@ def _header(records, cfg) -> str:
             f"written by layer-0 features through cross-layer decoders (0 faithful, 1 fully "
             f"skipped); a run *skips* above 0.5. *Intervention agreement*: over interventions on B "
             f"(ablate all, ablate each, patch from every other input) that change the true output, "
-            f"the share where the replacement model's output agrees.")
+            f"the share where the replacement model's output agrees. *C reads A*: of what the "
+            f"output layer's active features read (input × encoder weight), the share from the "
+            f"inputs A rather than from B (0 = as the true circuit).")
 
 
 def _matched_section(matched) -> str:
     head = ["penalty", "norm", "arch", "λ or k", "L0", "NMSE", "skip fraction", "runs skipping",
-            "B recovered", "intervention agr.", "output acc."]
+            "B recovered", "intervention agr.", "C reads A", "output acc."]
     rows = [[r["penalty"], r["decoder_norm"], r["arch"], r.get("knob"), r.get("l0_total"),
              r.get("nmse"), r.get("skip_fraction"), r.get("skips"),
              r.get("middle_feature_recovery"), r.get("intervention_agreement"),
-             r.get("output_accuracy")] if r["arch"] else
-            [r["penalty"], r["decoder_norm"], r["note"]] + [None] * 8 for r in matched]
+             r.get("output_reads_inputs"), r.get("output_accuracy")] if r["arch"] else
+            [r["penalty"], r["decoder_norm"], r["note"]] + [None] * 9 for r in matched]
     return "## PLT vs CLT at matched L0\n\n" + _table(head, rows)
 
 
@@ -117,15 +119,18 @@ def _findings(analytic, matched) -> str:
     by = {(r["penalty"], r["decoder_norm"], r["arch"]): r for r in matched if r["arch"]}
     lines = [_finding(analytic, r, by.get((p, n, "plt")))
              for (p, n, arch), r in sorted(by.items()) if arch == "clt"]
-    plt_int = [r["intervention_agreement"]["mean"] for r in matched if r["arch"] == "plt"
-               and r["intervention_agreement"]["mean"] is not None]
-    if plt_int and min(plt_int) < 0.9:
+    plts = [r for r in matched if r["arch"] == "plt"
+            and r["intervention_agreement"]["mean"] is not None]
+    if plts and min(r["intervention_agreement"]["mean"] for r in plts) < 0.9:
+        agree = [r["intervention_agreement"]["mean"] for r in plts]
+        reads = [r["output_reads_inputs"]["mean"] for r in plts
+                 if r["output_reads_inputs"]["mean"] is not None]
         lines.append(
-            f"- PLT intervention agreement is also below 1 (from {min(plt_int):.2f} to "
-            f"{max(plt_int):.2f}) although a PLT has no cross-layer decoder: its layer-1 "
-            "features may read the inputs A from the residual stream (MLP1's input holds A as "
-            "well as B) instead of B, an A→C path inside one layer that the skip fraction does "
-            "not count but the interventions on B expose.")
+            f"- PLT intervention agreement is also below 1 ({min(agree):.2f} to "
+            f"{max(agree):.2f}) although a PLT has no cross-layer decoder. Its output-layer "
+            f"features take {min(reads):.0%} to {max(reads):.0%} of their input from A "
+            "directly (MLP1's input holds A as well as B): an A→C path inside one layer, which "
+            "the skip fraction does not count but the interventions on B expose.")
     return "## Findings\n\n" + "\n".join(lines)
 
 

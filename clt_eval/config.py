@@ -6,7 +6,6 @@ and the allowed values, so a bad name never reaches a tensor operation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 from clt_eval.errors import CltEvalError, check_choice, check_finite_nonneg, require
@@ -123,7 +122,3 @@ def _from_dict(cls, data: dict, source: str):
         return cls(**data)
     except TypeError as exc:  # a required field is missing
         raise CltEvalError(f"{source}: {exc}") from None
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)

@@ -42,6 +42,9 @@ def evaluate(case, tc, model=None) -> list[dict]:
 
 
 def _item(v, r):
+    """Run r's value of a per-run metric, as plain JSON-ready Python."""
+    if isinstance(v, dict):
+        return {k: _item(x, r) for k, x in v.items()}
     x = v[r]
     if isinstance(x, torch.Tensor):
         x = x.tolist()
@@ -99,7 +102,7 @@ def _behaviour(case, model, tc, inputs, true_final) -> dict:
     agree = {k: M.intervention_agreement(*v, tol) for k, v in cases.items()}
     cat = [torch.cat([v[i] for v in cases.values()], dim=-1) for i in range(3)]
     res["intervention_agreement"] = M.intervention_agreement(*cat, tol)
-    res["intervention_agreement_by_kind"] = torch.stack(list(agree.values()), -1)
+    res["intervention_agreement_by_kind"] = agree
     off = case.off_distribution_inputs(n=OFF_DISTRIBUTION_SAMPLES, seed=0)
     off_true = case.output_value(model(off))
     off_repl, _, _ = run_replacement(model, tc, off, *hooks)
@@ -107,7 +110,3 @@ def _behaviour(case, model, tc, inputs, true_final) -> dict:
     res["offdist_mae"], res["offdist_corr"] = agreement["mae"], agreement["corr"]
     return res
 
-
-def intervention_kinds(case) -> list[str]:
-    gt = next(g for g in case.ground_truth() if g.layer == case.middle_layer)
-    return ["ablate_all"] + [f"ablate_{n}" for n in gt.names] + ["patch"]

@@ -58,9 +58,10 @@ def _patch_pairs(case, model, tc, inputs, P):
     keep = i != j
     i, j = i[keep], j[keep]
     # Each model's own clean value of B on the source input.
-    _, _, true_cache = _true_outputs(model, inputs, case.output_hooks[m])
+    hook = case.output_hooks[m]
+    _, cache = model.run_with_cache(inputs, names_filter=lambda n: n == hook)
     _, _, repl_recon = run_replacement(model, tc, inputs, *hooks)
-    true_src = true_cache[None, j]
+    true_src = cache[hook][None, j]
     repl_src = repl_recon[:, j, m]
     pair_inputs = inputs[i]
     out = case.output_value
@@ -69,7 +70,3 @@ def _patch_pairs(case, model, tc, inputs, P):
     r, _, _ = run_replacement(model, tc, pair_inputs, *hooks, {m: _patch(P, repl_src)})
     return true_clean, t, out(r)
 
-
-def _true_outputs(model, inputs, hook):
-    out, cache = model.run_with_cache(inputs, names_filter=lambda n: n == hook)
-    return out, cache, cache[hook]

@@ -14,7 +14,7 @@ import torch
 
 from clt_eval.transcoder import Transcoder
 
-# edit(ŷ_RND, layer) -> ŷ_RND: an intervention on an MLP output (true model: R = 1).
+# edit(ŷ_RND) -> ŷ_RND: an intervention on one layer's MLP output (true model: R = 1).
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 

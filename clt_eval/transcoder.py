@@ -89,8 +89,9 @@ class Transcoder(nn.Module):
             g = torch.Generator().manual_seed(int(seed))
             w = (torch.rand(L, D, F, generator=g) * 2 - 1) / D**0.5
             self.W_enc[r] = w
-            # Decoder starts as the encoder's transpose, scaled down; cross-layer blocks start
-            # smaller still, so the CLT is not pushed toward skipping by its initialisation.
+            # Own-layer decoders start along the encoder's directions, every block at norm 0.1:
+            # small, so early steps are driven by the data, and the same for cross-layer
+            # blocks, so the initialisation favours neither skipping nor not skipping.
             dec = torch.rand(L, L, F, D, generator=g) * 2 - 1
             dec = dec / dec.norm(dim=-1, keepdim=True) * 0.1
             diag = torch.arange(L)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from clt_eval.config import DEFAULT_ACTIVATION, PENALTY_ACTIVATIONS, LossConfig, TranscoderConfig
 from clt_eval.errors import check_choice, check_finite_nonneg, require
@@ -113,7 +113,3 @@ class ReproduceConfig:
     def effective(self) -> ReproduceConfig:
         return replace(self, seeds=min(self.seeds, 2), steps=min(self.steps, 200)) \
             if self.quick else self
-
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]

@@ -36,12 +36,14 @@ def test_train_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path,
     assert not out.exists()
 
 
-def test_reproduce_bad_wandb_mode(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:  # argparse has no choices here: the config checks
-        code, err = _run(["reproduce", "--wandb-mode", "sometimes", "--out", str(tmp_path / "o")],
-                         capsys)
-        raise SystemExit(code)
-    assert exc.value.code == 2
+@pytest.mark.parametrize("args, needle", [
+    (["--wandb-mode", "sometimes"], "wandb_mode='sometimes'"),
+    (["--seeds", "0"], "seeds"),
+    (["--steps", "0"], "steps"),
+])
+def test_reproduce_bad_config_one_line_exit_2_nothing_written(args, needle, tmp_path, capsys):
+    code, err = _run(["reproduce", "--out", str(tmp_path / "o")] + args, capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
 
 

@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from clt_eval.errors import CltEvalError
-from training.config import ReproduceConfig, RunSpec, TrainConfig
+from training.config import WANDB_MODES, ReproduceConfig, RunSpec, TrainConfig
 
 # RunSpec fields that `train` accepts several values of, to train their product as a grid.
 GRID_FIELDS = ("arch", "sparsity_coef", "k", "seed")
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a grid of runs on a case study")
     t.add_argument("--case-study", default="boolean_two_step")
     t.add_argument("--out", default="runs/train")
-    t.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled"))
+    t.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
     add_dataclass_options(t, RunSpec, grid=GRID_FIELDS)
     add_dataclass_options(t, TrainConfig)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")

@@ -109,7 +109,9 @@ class ReproduceConfig:
         require(isinstance(self.seeds, int) and self.seeds > 0, "seeds: expected an integer > 0")
         require(isinstance(self.n_features, int) and self.n_features > 0,
                 "n_features: expected an integer > 0")
+        require(isinstance(self.steps, int) and self.steps > 0, "steps: expected an integer > 0")
 
     def effective(self) -> ReproduceConfig:
+        """The config actually run: --quick caps seeds and steps."""
         return replace(self, seeds=min(self.seeds, 2), steps=min(self.steps, 200)) \
             if self.quick else self

@@ -1,7 +1,8 @@
 """Train a list of runs on a case study as vectorised ensembles, then evaluate each run.
 
-A sweep is data: a list of ``RunSpec``s. Runs that share an ensemble key (shapes and loss
-form) train together as one ``Transcoder``; λ, k, arch and seed vary inside an ensemble.
+A sweep is data: a list of ``RunSpec``s. Runs that share an ensemble key (shapes and
+activation) train together as one ``Transcoder``; arch, penalty, decoder norm, λ, k and seed
+vary inside an ensemble.
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MODES = ("offline", "online", "disabled")
-
 
 def configure_wandb_dirs(root: Path) -> None:
     """Keep wandb's files under ``root`` instead of the home folder (unless the user set them)."""

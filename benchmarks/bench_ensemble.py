@@ -42,7 +42,7 @@ def main() -> None:
 
     case = load_case_study("boolean_two_step")
     x, y = case_data(case, case.model())
-    specs = [s for s in build_specs(ReproduceConfig()) if s.resolved_activation == "relu"]
+    specs = [s for _, s in build_specs(ReproduceConfig()) if s.resolved_activation == "relu"]
     sample = random.Random(0).sample(range(len(specs)), args.sample)
     cfg = TrainConfig(steps=args.steps, log_every=0)
 

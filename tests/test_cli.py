@@ -113,3 +113,10 @@ def test_reproduce_quick_end_to_end(tmp_path, capsys):
     again = json.loads((out / "transcoders" / rid / "metrics.json").read_text())
     assert again["nmse"] == pytest.approx(runs[0]["metrics"]["nmse"], rel=1e-4, abs=1e-7)
     assert again["skip_fraction"] == runs[0]["metrics"]["skip_fraction"]
+
+
+def test_train_refuses_duplicate_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(["train", "--out", str(out), "--seed", "0", "0"], capsys)
+    assert code == 2 and len(err) == 1 and "duplicated" in err[0]
+    assert not out.exists()

@@ -92,3 +92,13 @@ def test_train_and_reproduce_configs_validate():
     with pytest.raises(CltEvalError, match="wandb_mode"):
         ReproduceConfig(wandb_mode="sometimes")
     assert ReproduceConfig(quick=True).effective().seeds == 2
+
+
+def test_run_ids_are_unique_across_non_default_fields():
+    from training.experiment import run_id
+
+    a = RunSpec(penalty="tanh", activation="relu")
+    b = RunSpec(penalty="tanh", activation="jumprelu")
+    c = RunSpec(penalty="tanh", activation="relu", preact_coef=1e-4)
+    assert len({run_id(a), run_id(b), run_id(c)}) == 3
+    assert run_id(a) == run_id(RunSpec(penalty="tanh"))  # defaults spelled out or not

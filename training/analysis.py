@@ -1,6 +1,7 @@
 """Pure functions that turn per-run records into the report's tables.
 
-A record is {"arch", "penalty", "decoder_norm", "sparsity_coef", "k", "seed", "metrics"}.
+A record is {"arch", "penalty", "decoder_norm", "sparsity_coef", "k", "seed", "metrics"} and
+optionally "setting", the label it is reported under.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import numpy as np
 NMSE_OK = 0.05  # a run must reconstruct this well to take part in a comparison
 
 
-def group_key(rec: dict) -> tuple[str, str]:
-    return rec["penalty"], rec["decoder_norm"]
+def setting(rec: dict) -> str:
+    """The label a run is reported under: its own "setting", else penalty/decoder norm."""
+    if rec.get("setting"):
+        return rec["setting"]
+    return rec["penalty"] if rec["decoder_norm"] == "none" else \
+        f"{rec['penalty']}/{rec['decoder_norm']}"
 
 
 def knob(rec: dict) -> float:
@@ -32,10 +37,10 @@ def summarize(values: list) -> dict:
 
 
 def by_setting(records: list[dict]) -> dict:
-    """{(penalty, norm): {arch: {knob: [records over seeds]}}}."""
+    """{setting: {arch: {knob: [records over seeds]}}}."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
-        out[group_key(r)][r["arch"]][knob(r)].append(r)
+        out[setting(r)][r["arch"]][knob(r)].append(r)
     return out
 
 
@@ -64,19 +69,24 @@ COMPARED = ("l0_total", "nmse", "skip_fraction", "skips", "middle_feature_recove
             "output_reads_inputs")
 
 
+def _labels(name: str, arch_runs: dict) -> dict:
+    first = next(iter(next(iter(arch_runs.values())).values()))[0]
+    return {"setting": name, "penalty": first["penalty"], "decoder_norm": first["decoder_norm"]}
+
+
 def matched_table(records: list[dict]) -> list[dict]:
-    """One row per (penalty, norm, arch) at the matched-L0 pair of settings."""
+    """One row per (setting, arch) at the matched-L0 pair of sparsity settings."""
     rows = []
-    for (penalty, norm), arch_runs in sorted(by_setting(records).items()):
+    for name, arch_runs in sorted(by_setting(records).items()):
+        labels = _labels(name, arch_runs)
         pair = matched_pair(arch_runs)
         if pair is None:
-            rows.append({"penalty": penalty, "decoder_norm": norm, "arch": None,
-                         "note": f"no setting reconstructs with NMSE <= {NMSE_OK}"})
+            rows.append(labels | {"arch": None,
+                                  "note": f"no setting reconstructs with NMSE <= {NMSE_OK}"})
             continue
         for arch, kn in zip(("plt", "clt"), pair, strict=True):
             recs = arch_runs[arch][kn]
-            row = {"penalty": penalty, "decoder_norm": norm, "arch": arch, "knob": kn,
-                   "n_seeds": len(recs)}
+            row = labels | {"arch": arch, "knob": kn, "n_seeds": len(recs)}
             for key in COMPARED:
                 row[key] = summarize([r["metrics"][key] for r in recs])
             rows.append(row)
@@ -84,12 +94,13 @@ def matched_table(records: list[dict]) -> list[dict]:
 
 
 def setting_table(records: list[dict]) -> list[dict]:
-    """Every (penalty, norm, arch, knob) setting with means over seeds."""
+    """Every (setting, arch, knob) with means over seeds."""
     rows = []
-    for (penalty, norm), arch_runs in sorted(by_setting(records).items()):
+    for name, arch_runs in sorted(by_setting(records).items()):
+        labels = _labels(name, arch_runs)
         for arch in sorted(arch_runs):
             for kn, recs in sorted(arch_runs[arch].items()):
-                row = {"penalty": penalty, "decoder_norm": norm, "arch": arch, "knob": kn}
+                row = labels | {"arch": arch, "knob": kn}
                 row |= {key: _mean(recs, key) for key in COMPARED}
                 rows.append(row)
     return rows

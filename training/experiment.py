@@ -7,22 +7,45 @@ vary inside an ensemble.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from clt_eval.costs import cost_key, sparsity_costs
+from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.transcoder import Transcoder
 from training.config import RunSpec, TrainConfig
 from training.trainer import full_batches, init_b_dec, train
 
+_NAMED = ("arch", "penalty", "decoder_norm", "activation", "sparsity_coef", "k", "n_features",
+          "seed")
+
 
 def run_id(spec: RunSpec) -> str:
+    """A readable, unique folder name: the main fields, plus a short hash of any other field
+    that differs from its default."""
     knob = f"k{spec.k}" if spec.k is not None else f"lam{spec.sparsity_coef:g}"
-    return f"{spec.arch}-{spec.penalty}-{spec.decoder_norm}-{knob}-w{spec.n_features}-s{spec.seed}"
+    rid = (f"{spec.arch}-{spec.penalty}-{spec.decoder_norm}-{spec.resolved_activation}-{knob}"
+           f"-w{spec.n_features}-s{spec.seed}")
+    default = RunSpec().to_dict()
+    extra = {k: v for k, v in spec.to_dict().items() if k not in _NAMED and v != default[k]}
+    if extra:
+        rid += "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+    return rid
+
+
+def check_unique(specs: list[RunSpec]) -> None:
+    """Two identical runs would write the same folder: refuse before training anything."""
+    ids = [run_id(s) for s in specs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise CltEvalError(f"runs: {len(dup)} duplicated run(s), e.g. {dup[0]}; expected each "
+                           "combination of settings once")
 
 
 def record(spec: RunSpec, metrics: dict) -> dict:

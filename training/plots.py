@@ -19,7 +19,7 @@ def plot_matched(out: Path, matched: list[dict], records: list[dict]) -> list[Pa
     import matplotlib.pyplot as plt
 
     settings = by_setting(records)
-    groups = sorted({(r["penalty"], r["decoder_norm"]) for r in matched if r["arch"]})
+    groups = sorted({r["setting"] for r in matched if r["arch"]})
     paths = []
     for key, title in (("skip_fraction", "Skip fraction (0 faithful, 1 skipped)"),
                        ("middle_feature_recovery", "Middle-layer (B) features recovered")):
@@ -27,8 +27,8 @@ def plot_matched(out: Path, matched: list[dict], records: list[dict]) -> list[Pa
         rng = np.random.default_rng(0)
         for gi, g in enumerate(groups):
             for ai, arch in enumerate(("plt", "clt")):
-                row = next((r for r in matched if (r["penalty"], r["decoder_norm"]) == g
-                            and r["arch"] == arch), None)
+                row = next((r for r in matched if r["setting"] == g and r["arch"] == arch),
+                           None)
                 if row is None:
                     continue
                 vals = [r["metrics"][key] for r in settings[g][arch][row["knob"]]]
@@ -36,7 +36,8 @@ def plot_matched(out: Path, matched: list[dict], records: list[dict]) -> list[Pa
                 xs = gi + (ai - 0.5) * 0.35 + rng.uniform(-0.08, 0.08, len(vals))
                 ax.scatter(xs, vals, s=18, color=COLORS[arch], alpha=0.75,
                            label=arch.upper() if gi == 0 else None)
-        ax.set_xticks(range(len(groups)), [f"{p}\n{n}" for p, n in groups], fontsize=8)
+        ax.set_xticks(range(len(groups)), [g.replace("/", "\n").replace(" ", "\n")
+                                           for g in groups], fontsize=8)
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{title}, at matched L0; one dot per seed")
         ax.legend()

@@ -77,13 +77,13 @@ def _header(records, cfg) -> str:
 
 
 def _matched_section(matched) -> str:
-    head = ["penalty", "norm", "arch", "λ or k", "L0", "NMSE", "skip fraction", "runs skipping",
+    head = ["setting", "arch", "λ or k", "L0", "NMSE", "skip fraction", "runs skipping",
             "B recovered", "intervention agr.", "C reads A", "output acc."]
-    rows = [[r["penalty"], r["decoder_norm"], r["arch"], r.get("knob"), r.get("l0_total"),
+    rows = [[r["setting"], r["arch"], r.get("knob"), r.get("l0_total"),
              r.get("nmse"), r.get("skip_fraction"), r.get("skips"),
              r.get("middle_feature_recovery"), r.get("intervention_agreement"),
              r.get("output_reads_inputs"), r.get("output_accuracy")] if r["arch"] else
-            [r["penalty"], r["decoder_norm"], r["note"]] + [None] * 9 for r in matched]
+            [r["setting"], r["note"]] + [None] * 9 for r in matched]
     return "## PLT vs CLT at matched L0\n\n" + _table(head, rows)
 
 
@@ -91,17 +91,18 @@ def _analytic_section(analytic, matched) -> str:
     if not analytic:
         return "## Analytic costs\n\nThis case study provides no hand-built decompositions."
     names = list(analytic)
-    head = ["penalty / norm"] + names + ["cheapest", "predicts CLT skip", "trained PLT cost",
-                                         "trained CLT cost", "CLT runs skipping"]
-    by = {(r["penalty"], r["decoder_norm"], r["arch"]): r for r in matched if r["arch"]}
+    head = ["setting (priced by)"] + names + ["cheapest", "predicts CLT skip",
+                                              "trained PLT cost", "trained CLT cost",
+                                              "CLT runs skipping"]
+    by = {(r["setting"], r["arch"]): r for r in matched if r["arch"]}
     rows = []
-    for (penalty, norm, arch), r in sorted(by.items()):
+    for (name, arch), r in sorted(by.items()):
         if arch != "clt":
             continue
-        key = cost_key(penalty, norm)
+        key = cost_key(r["penalty"], r["decoder_norm"])
         best, skip = prediction(analytic, key)
-        plt_row = by.get((penalty, norm, "plt"), {})
-        rows.append([f"{penalty} / {norm} ({key})"] + [analytic[n]["costs"][key] for n in names]
+        plt_row = by.get((name, "plt"), {})
+        rows.append([f"{name} ({key})"] + [analytic[n]["costs"][key] for n in names]
                     + [best, {True: "yes", False: "no", None: "tie"}[skip],
                        plt_row.get("sparsity_cost"), r["sparsity_cost"], r["skips"]])
     desc = "\n".join(f"- `{n}` ({d['arch']}): L0 {d['metrics']['l0_total']:.2f}, skip fraction "
@@ -116,9 +117,9 @@ def _analytic_section(analytic, matched) -> str:
 
 
 def _findings(analytic, matched) -> str:
-    by = {(r["penalty"], r["decoder_norm"], r["arch"]): r for r in matched if r["arch"]}
-    lines = [_finding(analytic, r, by.get((p, n, "plt")))
-             for (p, n, arch), r in sorted(by.items()) if arch == "clt"]
+    by = {(r["setting"], r["arch"]): r for r in matched if r["arch"]}
+    lines = [_finding(analytic, r, by.get((name, "plt")))
+             for (name, arch), r in sorted(by.items()) if arch == "clt"]
     plts = [r for r in matched if r["arch"] == "plt"
             and r["intervention_agreement"]["mean"] is not None]
     if plts and min(r["intervention_agreement"]["mean"] for r in plts) < 0.9:
@@ -136,7 +137,7 @@ def _findings(analytic, matched) -> str:
 
 def _finding(analytic, r, p) -> str:
     skip = r["skips"]["mean"] or 0.0
-    line = (f"- **{r['penalty']}/{r['decoder_norm']}**: {skip:.0%} of CLT runs skip (skip "
+    line = (f"- **{r['setting']}**: {skip:.0%} of CLT runs skip (skip "
             f"fraction {_fmt(r['skip_fraction'])}); B recovered CLT "
             f"{_fmt(r['middle_feature_recovery'])} vs PLT "
             f"{_fmt(p['middle_feature_recovery']) if p else '–'}")
@@ -161,9 +162,9 @@ def _finding(analytic, r, p) -> str:
 
 def _settings_section(records) -> str:
     rows = setting_table(records)
-    head = ["penalty", "norm", "arch", "λ or k", "L0", "NMSE", "skip", "skips", "B rec.",
+    head = ["setting", "arch", "λ or k", "L0", "NMSE", "skip", "skips", "B rec.",
             "interv.", "acc.", "off-dist MAE"]
-    body = [[r["penalty"], r["decoder_norm"], r["arch"], r["knob"], r["l0_total"], r["nmse"],
+    body = [[r["setting"], r["arch"], r["knob"], r["l0_total"], r["nmse"],
              r["skip_fraction"], r["skips"], r["middle_feature_recovery"],
              r["intervention_agreement"], r["output_accuracy"], r["offdist_mae"]] for r in rows]
     return "## Every setting (means over seeds)\n\n" + _table(head, body)

@@ -9,6 +9,7 @@ transcoders, report.md and plots under ``out``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,38 +17,54 @@ import torch
 from clt_eval.atomic import write_json_atomic
 from clt_eval.case_study import load_case_study
 from training.config import ReproduceConfig, RunSpec, TrainConfig
-from training.experiment import case_data, flat_record, group_specs, train_log_save
+from training.experiment import case_data, flat_record, group_specs, run_id, train_log_save
 from training.wandb_logger import WandbLogger
 
-# Sparsity settings per (penalty, decoder norm): λ for penalties, k (joint TopK budget per
-# sample, summed over layers) for topk/batchtopk. Chosen to bracket the faithful L0 of 1.25.
-DEFAULT_GRID: dict[tuple[str, str], list[float]] = {
-    ("l1", "concatenated"): [0.03, 0.1, 0.3],
-    ("l1", "summed"): [0.03, 0.1, 0.3],
-    ("l1", "per_block"): [0.03, 0.1, 0.3],
-    ("tanh", "concatenated"): [0.03, 0.1, 0.3],
-    ("tanh", "summed"): [0.03, 0.1, 0.3],
-    ("tanh", "per_block"): [0.03, 0.1, 0.3],
-    ("l0", "none"): [0.01, 0.03, 0.1],
-    ("topk", "none"): [1, 2, 3],
-    ("batchtopk", "none"): [1, 2],
-}
-QUICK_GRID = {("tanh", "concatenated"): [0.1], ("topk", "none"): [2]}
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One reported setting: a penalty with its decoder norm (and optionally an activation
+    and width other than the defaults), trained at each sparsity knob for PLT and CLT."""
+
+    label: str
+    penalty: str
+    decoder_norm: str
+    knobs: tuple[float, ...]  # λ, or the joint TopK/BatchTopK budget k per sample
+    activation: str | None = None
+    n_features: int | None = None
 
 
-def build_specs(cfg: ReproduceConfig) -> list[RunSpec]:
-    grid = QUICK_GRID if cfg.quick else DEFAULT_GRID
-    specs = []
-    for (penalty, norm), knobs in grid.items():
+# Knobs bracket the faithful L0 of 1.25 (GUIDE §4).
+LAMBDAS = (0.03, 0.1, 0.3)
+DEFAULT_GRID = (
+    *[GridEntry(f"{p}/{n}", p, n, LAMBDAS) for p in ("l1", "tanh")
+      for n in ("concatenated", "summed", "per_block")],
+    GridEntry("l0", "l0", "none", (0.01, 0.03, 0.1)),
+    GridEntry("topk", "topk", "none", (1, 2, 3)),
+    GridEntry("batchtopk", "batchtopk", "none", (1, 2)),
+    # The setting closest to Anthropic's CLTs and to the post that reported skipping on this
+    # toy (Lange et al. 2026): tanh penalty on a JumpReLU, concatenated norm, 32 features.
+    GridEntry("tanh/concatenated +jumprelu w32", "tanh", "concatenated", (0.018, 0.05, 0.1),
+              activation="jumprelu", n_features=32),
+)
+QUICK_GRID = (GridEntry("tanh/concatenated", "tanh", "concatenated", (0.1,)),
+              GridEntry("topk", "topk", "none", (2,)))
+
+
+def build_specs(cfg: ReproduceConfig) -> list[tuple[str, RunSpec]]:
+    """(setting label, run) for every run of the grid."""
+    out = []
+    for e in QUICK_GRID if cfg.quick else DEFAULT_GRID:
+        budget = e.penalty in ("topk", "batchtopk")
         for arch in ("plt", "clt"):
-            for kn in knobs:
-                budget = penalty in ("topk", "batchtopk")
-                specs += [RunSpec(arch=arch, penalty=penalty, decoder_norm=norm,
-                                  sparsity_coef=0.0 if budget else float(kn),
-                                  k=int(kn) if budget else None, seed=seed,
-                                  n_features=cfg.n_features)
-                          for seed in range(cfg.seeds)]
-    return specs
+            for kn in e.knobs:
+                out += [(e.label, RunSpec(arch=arch, penalty=e.penalty, decoder_norm=e.decoder_norm,
+                                          sparsity_coef=0.0 if budget else float(kn),
+                                          k=int(kn) if budget else None, seed=seed,
+                                          activation=e.activation,
+                                          n_features=e.n_features or cfg.n_features))
+                        for seed in range(cfg.seeds)]
+    return out
 
 
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> dict:
@@ -63,7 +80,9 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     model = case.model()
     data = case_data(case, model)
-    specs = build_specs(cfg)
+    labelled = build_specs(cfg)
+    specs = [spec for _, spec in labelled]
+    labels = {run_id(spec): label for label, spec in labelled}
     train_cfg = TrainConfig(steps=cfg.steps)
     logger = WandbLogger(cfg.wandb_mode, group=f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}",
                          root=out)
@@ -74,6 +93,8 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> dict:
         for group in groups:
             records += train_log_save(case, model, group, train_cfg, data, logger, bar, out,
                                       save=cfg.save_transcoders)
+    for rec in records:
+        rec["setting"] = labels[rec["run_id"]]
     analytic = analytic_costs(case, data[0])
     write_json_atomic(out / "results.json", {"config": cfg.__dict__, "runs": records,
                                               "train_seconds": time.time() - started})

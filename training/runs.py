@@ -8,7 +8,7 @@ from clt_eval.atomic import write_json_atomic
 from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError
 from training.config import RunSpec, TrainConfig
-from training.experiment import case_data, group_specs, train_log_save
+from training.experiment import case_data, check_unique, group_specs, train_log_save
 from training.wandb_logger import WandbLogger
 
 
@@ -17,6 +17,7 @@ def train_grid(case_name: str, specs: list[RunSpec], train_cfg: TrainConfig, out
     from tqdm.auto import tqdm
 
     import case_studies  # noqa: F401
+    check_unique(specs)
     case = load_case_study(case_name)  # fails before anything is written
     model = case.model()
     data = case_data(case, model)

@@ -35,7 +35,7 @@ def structure_mask(arch: str, n_layers: int) -> torch.Tensor:
     return eye if arch == "plt" else torch.ones(n_layers, n_layers).triu().bool()
 
 
-def _shared_fields(cfg: TranscoderConfig) -> dict:
+def shared_fields(cfg: TranscoderConfig) -> dict:
     """Fields every run of an ensemble must agree on (arch and k may vary per run)."""
     d = dataclasses.asdict(cfg)
     d.pop("arch")
@@ -47,9 +47,9 @@ class Transcoder(nn.Module):
     def __init__(self, cfgs: list[TranscoderConfig], seeds: list[int] | None = None):
         super().__init__()
         require(len(cfgs) > 0, "Transcoder: expected at least one run config")
-        base = _shared_fields(cfgs[0])
+        base = shared_fields(cfgs[0])
         for i, c in enumerate(cfgs):
-            require(_shared_fields(c) == base,
+            require(shared_fields(c) == base,
                     f"run {i}: configs in one ensemble may differ only in arch and k")
         self.cfgs = list(cfgs)
         cfg = cfgs[0]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from pathlib import Path
 
 from clt_eval.atomic import write_json_atomic
 from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError
+from clt_eval.transcoder import Transcoder, shared_fields
 from training.config import RunSpec, TrainConfig
 from training.experiment import case_data, check_unique, group_specs, train_log_save
 from training.wandb_logger import WandbLogger
@@ -40,24 +43,34 @@ def transcoder_dirs(run_dir: Path) -> list[Path]:
 
 
 def evaluate_dir(run_dir: Path) -> dict[str, dict]:
-    """Evaluate every transcoder under ``run_dir``; writes metrics.json beside each."""
+    """Evaluate every transcoder under ``run_dir``; writes metrics.json beside each.
+
+    Everything is loaded and checked before anything is written, and transcoders of one case
+    study with compatible shapes are stacked into one ensemble, evaluated in one pass.
+    """
     import case_studies  # noqa: F401
-    from clt_eval.evaluate import evaluate
     from clt_eval.io import load_extra, load_transcoder
 
     if not run_dir.exists():
         raise CltEvalError(f"{run_dir}: no such folder")
-    dirs = transcoder_dirs(run_dir)
-    loaded = [(d, load_transcoder(d), load_extra(d)) for d in dirs]  # validate all first
-    results, models = {}, {}
-    for d, tc, extra in loaded:
-        name = extra.get("case_study")
+    groups: dict[tuple, list] = defaultdict(list)
+    for d in transcoder_dirs(run_dir):
+        tc, name = load_transcoder(d), load_extra(d).get("case_study")
         if name is None:
             raise CltEvalError(f"{d}/config.json: field 'extra.case_study' missing; expected the "
                                "name of the case study the transcoder was trained on")
-        case = load_case_study(name)
-        model = models.setdefault(name, case.model())
-        metrics = evaluate(case, tc, model)[0]
-        write_json_atomic(d / "metrics.json", metrics)
-        results[d.name] = metrics
+        groups[(name, json.dumps(shared_fields(tc.cfg), sort_keys=True))].append((d, tc))
+    cases = {name: load_case_study(name) for name, _ in groups}  # unknown names fail here
+    results = {}
+    for (name, _), members in groups.items():
+        results |= _evaluate_group(cases[name], members)
     return results
+
+
+def _evaluate_group(case, members) -> dict[str, dict]:
+    from clt_eval.evaluate import evaluate
+
+    metrics = evaluate(case, Transcoder.stack([tc for _, tc in members]))
+    for (d, _), m in zip(members, metrics, strict=True):
+        write_json_atomic(d / "metrics.json", m)
+    return {d.name: m for (d, _), m in zip(members, metrics, strict=True)}

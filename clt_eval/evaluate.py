@@ -46,11 +46,14 @@ def _item(v, r):
     if isinstance(v, dict):
         return {k: _item(x, r) for k, x in v.items()}
     x = v[r]
-    if isinstance(x, torch.Tensor):
-        x = x.tolist()
-    if isinstance(x, float) and math.isnan(x):
-        return None  # JSON has no NaN; None reads as "undefined"
-    return x
+    return _json_safe(x.tolist() if isinstance(x, torch.Tensor) else x)
+
+
+def _json_safe(x):
+    """NaN becomes None (JSON has no NaN; None reads as "undefined"), also inside lists."""
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def _reconstruction(out, y) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clt_eval.evaluate import SKIP_THRESHOLD
 from training.analysis import by_setting
 
 COLORS = {"plt": "#1f77b4", "clt": "#d62728"}
@@ -39,6 +40,8 @@ def plot_matched(out: Path, matched: list[dict], records: list[dict]) -> list[Pa
         ax.set_xticks(range(len(groups)), [g.replace("/", "\n").replace(" ", "\n")
                                            for g in groups], fontsize=8)
         ax.set_ylim(-0.05, 1.05)
+        if key == "skip_fraction":  # above this a run counts as skipping
+            ax.axhline(SKIP_THRESHOLD, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{title}, at matched L0; one dot per seed")
         ax.legend()
         fig.tight_layout()

@@ -54,8 +54,9 @@ def write_report(out: Path, records: list[dict], analytic: dict, cfg) -> tuple[P
 
     matched = matched_table(records)
     plots = plot_matched(out, matched, records)
-    parts = [_header(records, cfg), _matched_section(matched), _analytic_section(analytic, matched),
-             _findings(analytic, matched), _settings_section(records),
+    parts = [_header(records, cfg), _summary(analytic, matched), _matched_section(matched),
+             _analytic_section(analytic, matched), _findings(analytic, matched),
+             _settings_section(records),
              "## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)]
     return write_text_atomic(out / "report.md", "\n\n".join(parts) + "\n"), plots
 
@@ -74,6 +75,29 @@ def _header(records, cfg) -> str:
             f"the share where the replacement model's output agrees. *C reads A*: of what the "
             f"output layer's active features read (input × encoder weight), the share from the "
             f"inputs A rather than from B (0 = as the true circuit).")
+
+
+def _summary(analytic, matched) -> str:
+    """The headline in a few sentences, every number from the tables below."""
+    clt = [r for r in matched if r["arch"] == "clt"]
+    if not clt:
+        return "## Summary\n\nNo setting reconstructed well enough to compare."
+    share = [r["skips"]["mean"] or 0.0 for r in clt]
+    text = (f"At matched L0, the share of CLT seeds that skip ranges from {min(share):.0%} to "
+            f"{max(share):.0%} across {len(clt)} settings; PLTs cannot skip by construction.")
+    if analytic:
+        pays = [r for r in clt if prediction(analytic, cost_key(r["penalty"],
+                                                               r["decoder_norm"]))[1]]
+        majority = [r for r in pays if (r["skips"]["mean"] or 0.0) > 0.5]
+        text += (f" The analytic costs make skipping strictly cheaper in {len(pays)} of them; "
+                 f"training makes most CLT seeds skip in {len(majority)} of those.")
+        if len(majority) < len(pays) / 2:
+            text += (" The sparsity loss does reward the shortcut, as Lange et al. (2026, "
+                     "\"Cross-layer transcoders are incentivized to learn unfaithful circuits\") "
+                     "argue, but from a random start gradient descent mostly settles in a "
+                     "costlier optimum that skips less than the cheapest shortcut: the "
+                     "incentive is real, the outcome depends on the seed.")
+    return "## Summary\n\n" + text
 
 
 def _matched_section(matched) -> str:

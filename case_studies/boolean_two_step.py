@@ -138,6 +138,12 @@ class BooleanTwoStep:
     def input_directions(self) -> torch.Tensor:
         return torch.eye(D_MODEL)[:4]
 
+    def analytic_decompositions(self) -> dict:
+        """Optional extra: the exact hand-built decompositions to price (GUIDE §4)."""
+        from case_studies.boolean_two_step_costs import decompositions
+
+        return decompositions()
+
     def circuit(self) -> Circuit:
         a_to_b = [(INPUT_NAMES[2 * (j // 2) + i], h)
                   for j, h in enumerate(HALF_XOR_NAMES) for i in range(2)]
@@ -153,12 +159,3 @@ def truth_table() -> torch.Tensor:
     xor_ab, xor_cd = x[:, 0] != x[:, 1], x[:, 2] != x[:, 3]
     return 2.0 * (xor_ab & xor_cd).float()
 
-
-def _analytic():
-    from case_studies.boolean_two_step_costs import decompositions
-
-    return decompositions()
-
-
-# Optional extra of this case study: exact hand-built decompositions to price (GUIDE §4).
-BooleanTwoStep.analytic_decompositions = staticmethod(_analytic)

@@ -158,4 +158,3 @@ def truth_table() -> torch.Tensor:
     x = all_inputs()
     xor_ab, xor_cd = x[:, 0] != x[:, 1], x[:, 2] != x[:, 3]
     return 2.0 * (xor_ab & xor_cd).float()
-

@@ -95,7 +95,7 @@ def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF) -> to
     err = (target_BLD[None] - out.recon_RBLD).detach()
     masked = out.pre_RBLF.masked_fill(~dead_RLF[:, None], float("-inf"))
     aux = act.topk(masked.nan_to_num(neginf=-1e30), 2 * tc.k_R, tc.cfg.topk_mode == "joint")
-    aux_recon = torch.einsum("rbsf,rstfd->rbtd", aux, tc.masked_W_dec())
+    aux_recon = tc.write(aux)
     mse = (aux_recon - err).pow(2).flatten(1).sum(-1)
     return mse / err.pow(2).flatten(1).sum(-1).clamp_min(1e-12)
 

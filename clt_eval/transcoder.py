@@ -130,9 +130,13 @@ class Transcoder(nn.Module):
             self.batchtopk_threshold.lerp_(cut_RL, 0.01)
         return acts
 
+    def write(self, acts_RBLF: torch.Tensor) -> torch.Tensor:
+        """[R,B,T,D]: Σ_s a_s W_dec^{s→t}, what the features write (no bias, no skip)."""
+        return torch.einsum("rbsf,rstfd->rbtd", acts_RBLF, self.masked_W_dec())
+
     def decode(self, acts_RBLF: torch.Tensor, x_BLD: torch.Tensor | None = None) -> torch.Tensor:
         """ŷ_t = Σ_{s} a_s W_dec^{s→t} + b_dec^t (+ W_skip x_t); absent blocks are masked."""
-        y = torch.einsum("rbsf,rstfd->rbtd", acts_RBLF, self.masked_W_dec()) + self.b_dec[:, None]
+        y = self.write(acts_RBLF) + self.b_dec[:, None]
         if self.W_skip is not None and x_BLD is not None:
             eq = "bld,rlde->rble" if x_BLD.dim() == 3 else "rbld,rlde->rble"
             y = y + torch.einsum(eq, x_BLD, self.W_skip)

@@ -176,8 +176,8 @@ def _finding(analytic, r, p) -> str:
     cheapest = analytic[best]["costs"][key]
     trained = r["sparsity_cost"]["mean"]
     why = (f" Trained CLTs cost {trained:.3g} per sample against {cheapest:.3g} for "
-           f"`{best}`: gradient descent stopped in a costlier local optimum rather than "
-           "finding the cheaper exact decomposition." if trained is not None
+           f"`{best}`: gradient descent ended at a costlier point (a local optimum, or not "
+           "yet converged) instead of the cheaper exact decomposition." if trained is not None
            and trained > cheapest else
            f" Trained CLTs cost {trained:.3g}, no more than `{best}` ({cheapest:.3g}), by "
            "reconstructing less than exactly (see NMSE).")

@@ -52,3 +52,15 @@ def y_BLD(toy_io):
 def _seed():
     """Every test draws the same random numbers, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A tiny randomly initialised HookedTransformer (no download): 4 layers, d_model 32,
+    LayerNorm, GELU MLPs, vocabulary of 64 token ids. Use token-id tensors as input."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=4, d_model=32, n_ctx=64, d_head=8, n_heads=4,
+                                  d_mlp=64, d_vocab=64, act_fn="gelu", normalization_type="LN",
+                                  seed=0, device="cpu")
+    return HookedTransformer(cfg).eval()

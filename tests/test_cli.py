@@ -120,3 +120,25 @@ def test_train_refuses_duplicate_runs(tmp_path, capsys):
     code, err = _run(["train", "--out", str(out), "--seed", "0", "0"], capsys)
     assert code == 2 and len(err) == 1 and "duplicated" in err[0]
     assert not out.exists()
+
+
+def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys):
+    import torch
+
+    from clt_eval.config import TranscoderConfig
+    from clt_eval.formats import load_any, save_as
+    from clt_eval.lm.window import LayerWindow
+    from clt_eval.transcoder import Transcoder
+    from training.cli import main
+
+    tc = Transcoder([TranscoderConfig(d_model=8, n_layers=3, n_features=5, arch="clt")])
+    src = save_as(tc, LayerWindow((2, 3, 4)), tmp_path / "src", "clt-eval")
+    assert main(["convert", str(src), str(tmp_path / "ct"), "--to", "circuit-tracer"]) == 0
+    back, window = load_any(tmp_path / "ct")
+    assert window.layers == (2, 3, 4)
+    assert torch.equal(back.masked_W_dec(), tc.masked_W_dec())
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "x"), "--to", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clt-eval: error:") and "onnx" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()

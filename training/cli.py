@@ -51,17 +51,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
     add_dataclass_options(t, RunSpec, grid=GRID_FIELDS)
     add_dataclass_options(t, TrainConfig)
+    _add_sweep_parser(sub)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
     e.add_argument("run_dir", help="a transcoder folder, or a folder holding transcoders/")
     sub.add_parser("case-studies", help="list registered case studies")
+    c = sub.add_parser("convert", help="convert a transcoder folder between on-disk formats")
+    c.add_argument("src", help="a clt-eval, circuit-tracer (CLT or per-layer) or sae_lens folder")
+    c.add_argument("dst", help="folder to write; replaced only if empty or a transcoder folder")
+    # Not argparse `choices`: convert() checks it, with the same one-line error as the API.
+    c.add_argument("--to", required=True, metavar="FORMAT",
+                   help="clt-eval, circuit-tracer or sae-lens")
     return p
+
+
+# Grid options of `clt-eval sweep`: each replaces the spec's grid blocks with one block.
+SWEEP_GRID = {"arch": str, "penalty": str, "decoder_norm": str, "n_features": int, "k": int,
+              "cross_layer_coef": float, "sparsity_coef": float}
+
+
+def _add_sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="sparsity sweeps: phase diagrams, matched-L0 comparison, "
+                       "width, mitigations (resumable)")
+    s.add_argument("spec", nargs="?", default=None,
+                   help="a TOML, YAML or JSON sweep spec (default: the packaged default spec)")
+    s.add_argument("--out", default="runs/sweep", help="output folder; rerun to resume")
+    s.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
+    s.add_argument("--no-save-transcoders", action="store_true",
+                   help="keep only metrics (feature tracking needs the transcoders)")
+    g = s.add_argument_group("grid from the command line (replaces the spec's grid blocks)")
+    for name, kind in SWEEP_GRID.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, nargs="+", default=None)
+    g.add_argument("--lambda-log", type=float, nargs=3, metavar=("LO", "HI", "N"),
+                   help="λ on a log grid: N points from LO to HI")
+    g.add_argument("--seeds", type=int, default=None, help="seeds per grid point")
+    s.add_argument("--steps", type=int, default=None, help="training steps per run")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"reproduce": _reproduce, "train": _train, "evaluate": _evaluate,
-                "case-studies": _case_studies}[args.command](args)
+                "case-studies": _case_studies, "sweep": _sweep,
+                "convert": _convert}[args.command](args)
     except CltEvalError as exc:
         print(f"clt-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -86,6 +117,42 @@ def _train(args) -> int:
     train_cfg = TrainConfig(**_values(args, TrainConfig))
     out = train_grid(args.case_study, specs, train_cfg, Path(args.out), args.wandb_mode)
     print(f"trained {len(specs)} runs; wrote {out}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from training.sweep_spec import DEFAULT_SPEC, parse_spec, read_spec_file
+
+    path = Path(args.spec) if args.spec else DEFAULT_SPEC
+    data = read_spec_file(path)
+    block = {k: getattr(args, k) for k in SWEEP_GRID if getattr(args, k) is not None}
+    if args.lambda_log is not None:
+        lo, hi, n = args.lambda_log
+        if n != int(n):
+            raise CltEvalError(f"--lambda-log: N={n!r}; expected a whole number of points")
+        block["sparsity_coef"] = {"log": [lo, hi, int(n)]}
+    if args.seeds is not None:
+        block["seeds"] = args.seeds
+    if block:
+        data = data | {"grid": [block | {"label": "command line"}]}
+    if args.steps is not None:
+        data = data | {"train": data.get("train", {}) | {"steps": args.steps}}
+    try:
+        spec = parse_spec(data, source=str(path))
+    except CltEvalError as exc:
+        raise CltEvalError(f"{path if not block else 'command line'}: {exc}") from None
+    from training.sweep import run_sweep
+
+    result = run_sweep(spec, Path(args.out), args.wandb_mode,
+                       save_transcoders=not args.no_save_transcoders)
+    print(f"{result['trained']} runs trained; wrote {result['sweep']}, {result['report']}")
+    return 0
+
+
+def _convert(args) -> int:
+    from clt_eval.formats.convert import convert
+
+    print(f"wrote {convert(args.src, args.dst, args.to)}")
     return 0
 
 

@@ -1,0 +1,67 @@
+"""On-disk transcoder formats: clt-eval's own, circuit-tracer's CLT and per-layer layouts,
+and sae_lens transcoder folders (GUIDE §7). ``load_any`` reads any of them into a one-run
+``Transcoder`` plus its ``LayerWindow``; ``save_as`` writes one atomically.
+
+sae_lens is imported only by the sae_lens export (it costs ~10 s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clt_eval.errors import check_choice
+from clt_eval.formats import _common as C
+from clt_eval.formats import circuit_tracer as ct
+from clt_eval.formats import native, sae_lens_io
+from clt_eval.formats.detect import DETECTED, detect_format, is_recognised
+from clt_eval.lm.window import LayerWindow
+from clt_eval.transcoder import Transcoder
+
+FORMATS = ("clt-eval", "circuit-tracer", "sae-lens")
+
+__all__ = ["DETECTED", "FORMATS", "detect_format", "load_any", "save_as"]
+
+
+def load_any(path: str | Path) -> tuple[Transcoder, LayerWindow | None]:
+    """Read a transcoder folder in any known format, checking every file and tensor.
+    The window is None only for clt-eval folders saved without one."""
+    fmt = detect_format(path)
+    if fmt == "clt-eval":
+        return native.load_native(path)
+    if fmt.startswith("circuit-tracer"):
+        return ct.load_circuit_tracer(path)
+    return sae_lens_io.load_sae_lens(path)
+
+
+def save_as(tc: Transcoder, window: LayerWindow | None, path: str | Path, fmt: str) -> Path:
+    """Write the one-run ``tc`` to the folder ``path`` in ``fmt`` (one of FORMATS).
+
+    Everything is built and checked in memory first, then written into a temporary sibling
+    folder and renamed into place: a transcoder the format cannot hold writes nothing. An
+    existing ``path`` is replaced only if it is empty or holds a transcoder in a known format.
+    circuit-tracer gets the per-layer layout when ``tc`` is per-layer, else the CLT layout.
+    """
+    check_choice("to", fmt, FORMATS)
+    target = Path(path)
+    C.single_run(tc, f"{fmt} export")
+    if fmt == "clt-eval":
+        if window is not None:
+            C.default_window(tc, window)  # checks its length now, before any write
+
+        def write(folder: Path) -> None:
+            native.save_native(tc, window, folder)
+    elif fmt == "circuit-tracer":
+        config, files = ct.circuit_tracer_files(tc, window)
+
+        def write(folder: Path) -> None:
+            ct.write_circuit_tracer(config, files, folder)
+    else:
+        window = C.default_window(tc, window)
+        saes = sae_lens_io.to_sae_lens(tc, window)
+
+        def write(folder: Path) -> None:
+            sae_lens_io.write_sae_lens(saes, window.layers, folder)
+    C.check_replaceable(target, is_recognised(target))
+    with C.atomic_folder(target) as tmp:
+        write(tmp)
+    return target

@@ -83,11 +83,17 @@ class LossConfig:
     tanh_scale: float = 1.0  # c in tanh(c · a · ‖W_dec‖)
     preact_coef: float = 0.0  # weight of Σ ReLU(-z), which revives dead features
     auxk_coef: float = 1 / 32  # AuxK weight for topk/batchtopk (Gao et al. 2024 use 1/32)
+    # κ: a mitigation against skipping. Adds λ·κ·Σ_i a_i Σ_{t>s} ‖W_dec,i^{s→t}‖, an extra l1
+    # price on cross-layer decoder blocks only. On the toy a shortcut writes y through them
+    # on 4 of 16 inputs at norm 2, i.e. 0.5 per sample, so any κ > 0 makes it costlier than
+    # the best PLT under summed/per-block l1, and κ > 0.48 under concatenated l1 (GUIDE §4).
+    cross_layer_coef: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("penalty", self.penalty, PENALTIES)
         check_choice("decoder_norm", self.decoder_norm, DECODER_NORMS)
-        for name in ("sparsity_coef", "tanh_scale", "preact_coef", "auxk_coef"):
+        for name in ("sparsity_coef", "tanh_scale", "preact_coef", "auxk_coef",
+                     "cross_layer_coef"):
             check_finite_nonneg(name, getattr(self, name))
         if self.penalty in NORMED_PENALTIES:
             require(self.decoder_norm != "none",
@@ -101,6 +107,10 @@ class LossConfig:
             require(self.sparsity_coef == 0,
                     f"sparsity_coef={self.sparsity_coef!r} with penalty={self.penalty!r}: "
                     "topk/batchtopk have no penalty term, expected 0")
+            require(self.cross_layer_coef == 0,
+                    f"cross_layer_coef={self.cross_layer_coef!r} with penalty="
+                    f"{self.penalty!r}: it scales with λ, which topk/batchtopk do not have; "
+                    "expected 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

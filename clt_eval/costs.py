@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from clt_eval.losses import feature_norms, penalty_terms
+from clt_eval.losses import cross_layer_mass, feature_norms, penalty_terms
 from clt_eval.transcoder import Transcoder
 
 NORMS = ("concatenated", "summed", "per_block")
@@ -16,7 +16,8 @@ NORMS = ("concatenated", "summed", "per_block")
 
 @torch.no_grad()
 def sparsity_costs(tc: Transcoder, x_BLD: torch.Tensor, tanh_scale: float = 1.0) -> dict:
-    """{"l1/concatenated": [R], ..., "l0": [R], "max_l0": [R]}: mean cost per sample.
+    """{"l1/concatenated": [R], ..., "l0": [R], "max_l0": [R], "cross_layer": [R]}: mean cost
+    per sample.
 
     ``max_l0`` is the largest number of active features any sample needs: the smallest joint
     TopK budget k that can reproduce the decomposition exactly.
@@ -33,6 +34,7 @@ def sparsity_costs(tc: Transcoder, x_BLD: torch.Tensor, tanh_scale: float = 1.0)
             out[f"{penalty}/{norm}"] = terms.mean(1)
     active = (acts > 0).flatten(2).sum(-1).float()  # [R, B]
     out["l0"] = active.mean(1)
+    out["cross_layer"] = cross_layer_mass(tc, acts).mean(1)  # priced by κ (cross_layer_coef)
     out["max_l0"] = active.amax(1)
     return out
 

@@ -36,6 +36,8 @@ def evaluate(case, tc, model=None) -> list[dict]:
     middle = [g.layer for g in gt_layers].index(case.middle_layer)
     per_run["middle_feature_recovery"] = per_run["recovery_per_layer"][:, middle]
     per_run |= _skip(case, tc, out, gt_layers)
+    mass, share = M.decoder_mass(tc.decoder_block_norms(), out.acts_RBLF)
+    per_run["decoder_mass_per_layer"], per_run["cross_layer_share"] = mass, share
     per_run["output_reads_inputs"] = _reads_inputs(case, tc, out, x, gt_layers)
     per_run |= _behaviour(case, model, tc, inputs, cache["output"])
     return [{k: _item(v, r) for k, v in per_run.items()} for r in range(tc.n_runs)]

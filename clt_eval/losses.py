@@ -84,6 +84,16 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs) -> torch.Tenso
     return result
 
 
+def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor) -> torch.Tensor:
+    """Σ_i a_i Σ_{t>s} ‖W_dec,i^{s→t}‖ per sample, [R,B]: what the cross-layer decoder
+    blocks write, in l1 units. 0 for a PLT, which has no such blocks."""
+    norms_RSTF = tc.decoder_block_norms()
+    S = norms_RSTF.shape[1]
+    off = torch.ones(S, S, dtype=torch.bool, device=norms_RSTF.device).triu(1)
+    cross_RSF = (norms_RSTF * off[None, :, :, None]).sum(2)
+    return (acts_RBLF * cross_RSF[:, None]).flatten(2).sum(-1)
+
+
 def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF) -> torch.Tensor:
     """AuxK (Gao et al. 2024): dead features try to explain the residual error, [R].
 
@@ -121,6 +131,9 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
     preact = torch.tensor([c.preact_coef for c in cfgs])
     if bool((preact > 0).any()):
         total = total + preact * (-out.pre_RBLF).relu().flatten(1).sum(-1) / B
+    cross = torch.tensor([c.cross_layer_coef for c in cfgs])
+    if bool((cross > 0).any()):
+        total = total + coef_R * cross * cross_layer_mass(tc, out.acts_RBLF).mean(1)
     auxk = torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
                          for c in cfgs])
     if bool((auxk > 0).any()) and dead_RLF is not None:

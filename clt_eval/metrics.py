@@ -123,3 +123,22 @@ def read_share(x_ND, W_enc_DF, acts_NF, P_a_DD, P_b_DD) -> float:
     a = (acts_NF * from_a).sum()
     total = a + (acts_NF * from_b).sum()
     return float(a / total) if float(total) > 1e-12 else float("nan")
+
+
+def decoder_mass(block_norms_RSTF: torch.Tensor, acts_RBLF: torch.Tensor):
+    """Where the decoders write, weighted by use: ([R, S] mass per source layer, [R] share
+    in cross-layer blocks).
+
+    A feature's mass in block s→t is its mean activation times ‖W_dec^{s→t}‖, so features
+    that never fire weigh nothing whatever their decoder norm. The cross-layer share is the
+    mass in blocks t > s over all mass: 0 for a PLT, and the part of a CLT's output that
+    bypasses the layers in between. NaN share when nothing fires.
+    """
+    mass_RST = torch.einsum("rsf,rstf->rst", acts_RBLF.mean(1), block_norms_RSTF)
+    S = mass_RST.shape[1]
+    off = torch.ones(S, S, dtype=torch.bool, device=mass_RST.device).triu(1)
+    total = mass_RST.sum((1, 2))
+    cross = (mass_RST * off).sum((1, 2))
+    share = torch.where(total > 1e-12, cross / total.clamp_min(1e-12),
+                        torch.full_like(total, float("nan")))
+    return mass_RST.sum(-1), share

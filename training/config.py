@@ -28,6 +28,7 @@ class RunSpec:
     jumprelu_bandwidth: float = 1.0
     jumprelu_threshold_init: float = 0.1
     skip: bool = False  # skip transcoder: add a learned linear map W_skip x to each output
+    cross_layer_coef: float = 0.0  # κ: extra λ-scaled price on cross-layer decoder blocks
 
     def __post_init__(self) -> None:
         # Building both configs runs every field check once, in one place.
@@ -53,14 +54,15 @@ class RunSpec:
     def loss_config(self) -> LossConfig:
         return LossConfig(penalty=self.penalty, decoder_norm=self.decoder_norm,
                           sparsity_coef=self.sparsity_coef, tanh_scale=self.tanh_scale,
-                          preact_coef=self.preact_coef)
+                          preact_coef=self.preact_coef,
+                          cross_layer_coef=self.cross_layer_coef)
 
     def ensemble_key(self) -> tuple:
         """Runs with equal keys share shapes and activation, so they train as one ensemble;
         arch, penalty (within an activation), decoder norm, λ, k and seed vary inside it."""
         d = asdict(self) | {"activation": self.resolved_activation}
         for name in ("arch", "penalty", "decoder_norm", "tanh_scale", "sparsity_coef", "k",
-                     "seed"):
+                     "seed", "cross_layer_coef"):
             d.pop(name)
         return tuple(sorted(d.items()))
 

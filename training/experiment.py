@@ -23,7 +23,7 @@ from training.config import RunSpec, TrainConfig
 from training.trainer import full_batches, init_b_dec, train
 
 _NAMED = ("arch", "penalty", "decoder_norm", "activation", "sparsity_coef", "k", "n_features",
-          "seed")
+          "seed", "cross_layer_coef")
 
 
 def run_id(spec: RunSpec) -> str:
@@ -32,6 +32,8 @@ def run_id(spec: RunSpec) -> str:
     knob = f"k{spec.k}" if spec.k is not None else f"lam{spec.sparsity_coef:g}"
     rid = (f"{spec.arch}-{spec.penalty}-{spec.decoder_norm}-{spec.resolved_activation}-{knob}"
            f"-w{spec.n_features}-s{spec.seed}")
+    if spec.cross_layer_coef:
+        rid += f"-xl{spec.cross_layer_coef:g}"
     default = RunSpec().to_dict()
     extra = {k: v for k, v in spec.to_dict().items() if k not in _NAMED and v != default[k]}
     if extra:
@@ -69,7 +71,8 @@ class EnsembleResult:
     records: list[dict]
 
 
-def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, progress=None):
+def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, progress=None,
+                checkpoint=None):
     """Train one ensemble of compatible runs and evaluate every member."""
     x, y = data
     cfgs = [s.transcoder_config(case.d_model, case.n_layers) for s in specs]
@@ -78,12 +81,13 @@ def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, p
     coefs = torch.tensor([s.sparsity_coef for s in specs])
     batches = full_batches(x, y, train_cfg.batch_size, seed=specs[0].seed)
     final = train(tc, [s.loss_config() for s in specs], coefs, batches, train_cfg, logger,
-                  progress)
+                  progress, checkpoint)
     metrics = evaluate(case, tc, model)
     costs = sparsity_costs(tc, x)  # each run priced as the analytic decompositions are
     for i, (m, s) in enumerate(zip(metrics, specs, strict=True)):
         m["final_loss"] = float(final["loss"][i])
-        m["sparsity_cost"] = float(costs[cost_key(s.penalty, s.decoder_norm)][i])
+        m["sparsity_cost"] = float(costs[cost_key(s.penalty, s.decoder_norm)][i]
+                                   + s.cross_layer_coef * costs["cross_layer"][i])
     return EnsembleResult(specs, tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)])
 
 
@@ -93,7 +97,8 @@ def case_data(case, model):
     return x, y
 
 
-def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=True):
+def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=True,
+                   checkpoint=None):
     """Train one ensemble as one wandb run (config, per-run losses, metrics table), then save
     each member transcoder under ``out/transcoders/<run_id>``; returns the run records."""
     from clt_eval.io import save_transcoder
@@ -102,7 +107,12 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
     logger.start(f"{group[0].resolved_activation}-{ids[0]}",
                  {"case_study": case.name, "train": train_cfg.__dict__,
                   "runs": {i: s.to_dict() for i, s in zip(ids, group, strict=True)}})
-    res = train_group(case, model, group, train_cfg, data, logger.ensemble_logger(ids), bar)
+    try:
+        res = train_group(case, model, group, train_cfg, data, logger.ensemble_logger(ids), bar,
+                          checkpoint)
+    except BaseException:
+        logger.finish()  # close the wandb run cleanly; the checkpoint holds the state
+        raise
     logger.table("runs", [flat_record(r) for r in res.records])
     logger.finish()
     if save:

@@ -42,38 +42,60 @@ def init_b_dec(tc: Transcoder, y_BLD: torch.Tensor) -> None:
 
 def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torch.Tensor,
           batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
-          logger: Logger | None = None, progress=None) -> dict:
+          logger: Logger | None = None, progress=None, checkpoint=None) -> dict:
     """Train all runs of ``tc`` in place; returns the last logged values ([R] tensors).
 
-    ``loss_cfg`` is one config for every run or a list with one per run."""
+    ``loss_cfg`` is one config for every run or a list with one per run. With a
+    ``training.checkpoint.Checkpoint``, training resumes from its saved state and saves
+    when due; the batch iterator is advanced past the steps already done."""
     tc.train()
     opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     R, L, F = tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features
     since_fired = torch.zeros(R, L, F, dtype=torch.long)
+    start = 0
+    restored = checkpoint.restore(tc, opt) if checkpoint is not None else None
+    if restored is not None:
+        start, since_fired = restored
+        for _ in range(start):
+            next(batches)
+        if progress is not None:
+            progress.update(start)
     last: dict = {}
-    for step in range(cfg.steps):
-        x, y = next(batches)
-        out = tc(x)
-        dead = since_fired > cfg.dead_window
-        parts = training_loss(tc, out, y, loss_cfg, coefs_R * lambda_factor(step, cfg), dead)
-        opt.zero_grad(set_to_none=True)
-        parts.total_R.sum().backward()
-        opt.step()
-        sched.step()
+    for step in range(start, cfg.steps):
+        parts, out = _step(tc, opt, loss_cfg, coefs_R, next(batches), since_fired, step, cfg)
         with torch.no_grad():
             fired = (out.acts_RBLF > 0).any(1)
             since_fired = torch.where(fired, 0, since_fired + 1)
+        if progress is not None:
+            progress.update(1)
         if _due(step, cfg.log_every, cfg.steps):
             last = {"loss": parts.total_R.detach(), "mse": parts.mse_R,
                     "sparsity": parts.sparsity_R,
                     "l0": (out.acts_RBLF > 0).float().sum((2, 3)).mean(1)}
             if logger is not None:
                 logger(step, last)
-        if progress is not None:
-            progress.update(1)
+        if checkpoint is not None and checkpoint.stop_requested:
+            checkpoint.save(step + 1, tc, opt, since_fired)
+            raise KeyboardInterrupt(f"stopped after step {step + 1}; saved {checkpoint.path}")
+        if checkpoint is not None and checkpoint.due(step, cfg.steps):
+            checkpoint.save(step + 1, tc, opt, since_fired)
     tc.eval()
     return last
+
+
+def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg):
+    """One Adam step. The learning rate is set from the step number alone (warm-up, then
+    cosine), so a resumed run needs no scheduler state."""
+    x, y = batch
+    out = tc(x)
+    dead = since_fired > cfg.dead_window
+    parts = training_loss(tc, out, y, loss_cfg, coefs_R * lambda_factor(step, cfg), dead)
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    parts.total_R.sum().backward()
+    opt.step()
+    return parts, out
 
 
 def _due(step: int, every: int, total: int) -> bool:

@@ -1,0 +1,105 @@
+"""Mid-training checkpoints for one ensemble, so an interrupted sweep repeats no step.
+
+The whole training state goes into one safetensors file, written atomically: the
+transcoder's tensors, Adam's moments, and the steps since each feature last fired (AuxK's
+dead-feature clock). The step and Adam's hyper-parameters go into the file's string
+metadata. The learning rate is a pure function of the step (``lr_factor``), so nothing else
+is needed to continue exactly where training stopped: a resumed run equals an uninterrupted
+one bit for bit (tests/test_sweep.py checks this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from clt_eval.errors import CltEvalError
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path, every: int):
+        self.path, self.every = Path(path), every
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """Ask the trainer to save at the end of the current step and stop (Ctrl-C, SIGTERM):
+        the state is saved between steps, never halfway through an optimiser update."""
+        self.stop_requested = True
+
+    def due(self, step: int, total: int) -> bool:
+        """Save after ``step`` (0-based) every ``every`` steps, never after the last one."""
+        return self.every > 0 and (step + 1) % self.every == 0 and step + 1 < total
+
+    def save(self, next_step: int, tc: torch.nn.Module, opt, since_fired_RLF) -> None:
+        tensors = {f"model.{k}": v.detach().contiguous().clone()
+                   for k, v in tc.state_dict().items()}
+        opt_state = opt.state_dict()
+        for i, st in opt_state["state"].items():
+            for key, v in st.items():
+                tensors[f"opt.{i}.{key}"] = torch.as_tensor(v).detach().contiguous().clone()
+        tensors["since_fired"] = since_fired_RLF.contiguous().clone()
+        meta = {"next_step": str(next_step), "param_groups": json.dumps(opt_state["param_groups"])}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        os.close(fd)
+        try:
+            safetensors.torch.save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def restore(self, tc: torch.nn.Module, opt) -> tuple[int, torch.Tensor] | None:
+        """Load the saved state into ``tc`` and ``opt``; (next step, since_fired) or None."""
+        if not self.path.exists():
+            return None
+        try:
+            with safetensors.safe_open(str(self.path), "pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (OSError, safetensors.SafetensorError) as exc:
+            raise CltEvalError(f"{self.path}: unreadable checkpoint ({exc}); delete it to "
+                               "restart this ensemble from step 0") from None
+        tc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, key = k.split(".", 2)
+                state.setdefault(int(i), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        return int(meta["next_step"]), tensors["since_fired"]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def stop_gracefully(get_checkpoint):
+    """While active, SIGINT and SIGTERM ask the current checkpoint (``get_checkpoint()``) to
+    save and stop at the next step boundary instead of killing the process mid-step. A second
+    signal, or one with no training under way, interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        ckpt = get_checkpoint()
+        if ckpt is None or ckpt.stop_requested:
+            raise KeyboardInterrupt
+        ckpt.request_stop()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)

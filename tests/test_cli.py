@@ -142,3 +142,25 @@ def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("clt-eval: error:") and "onnx" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("spec, flags, needle", [
+    ('[[grid]]\narch = ["plt", "mlp"]\n', [], "grid[0].arch: 'mlp' is not allowed; allowed: "
+                                              "'plt', 'clt'"),
+    ('[[grid]]\npenalty = "topk"\nk = 1\ndecoder_norm = "summed"\n', [],
+     "decoder_norm='summed' with penalty='topk'"),
+    ('[[grid]]\n', ["--lambda-log", "0", "1", "3"], "a log grid needs finite numbers > 0"),
+    ('[[grid]]\n', ["--n-features", "0"], "n_features=0: expected a positive integer"),
+    ('[[grid]]\nwidth = [8]\n', [], "unknown key(s) ['width']"),
+])
+def test_sweep_bad_input_exits_2_in_one_line_and_starts_nothing(tmp_path, capsys, spec, flags,
+                                                                needle):
+    from training.cli import main
+
+    path = tmp_path / "spec.toml"
+    path.write_text(spec)
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not out.exists()

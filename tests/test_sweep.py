@@ -1,0 +1,165 @@
+"""Sweeps: λ bisection, feature tracking, statistics, and resuming an interrupted sweep."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clt_eval.tracking import match_neighbours, stop_index, track
+from training import sweep_analysis as A
+from training.matched_l0 import Bracket, bisect_log, initial_bracket
+
+
+# ---- bisection ---------------------------------------------------------------------------
+def _l0(lam: float) -> float:
+    """A monotone decreasing stand-in for L0(λ): 4 at λ → 0, 0 at λ → ∞."""
+    return 4.0 / (1.0 + 10 * lam)
+
+
+def test_bisection_finds_the_lambda_of_each_target_on_a_monotone_function():
+    grid = [(lam, _l0(lam)) for lam in (0.01, 0.1, 1.0, 10.0)]
+    targets = [1.0, 1.5, 2.0]
+    brackets = [initial_bracket(grid, t) for t in targets]
+    calls = []
+
+    def f(lams):
+        calls.append(list(lams))
+        return [_l0(x) for x in lams]
+
+    found = bisect_log(f, brackets, targets, iterations=20)
+    assert len(calls) == 20 and all(len(c) == 3 for c in calls)  # all brackets per call
+    for b, t in zip(found, targets, strict=True):
+        lam, value = b.best(t)
+        exact = (4.0 / t - 1.0) / 10  # solve 4 / (1 + 10λ) = t
+        assert value == pytest.approx(t, rel=1e-3)
+        assert lam == pytest.approx(exact, rel=1e-3)
+        assert b.lo <= exact <= b.hi
+
+
+def test_bisection_keeps_the_bracket_and_reports_targets_outside_the_grid():
+    grid = [(0.1, 2.0), (1.0, 0.4)]
+    assert initial_bracket(grid, 3.0) is None  # L0 never reaches 3 on this grid
+    assert initial_bracket(grid, 0.1) is None
+    b = Bracket(0.1, 1.0, tuple(grid))
+    assert b.midpoint() == pytest.approx(math.sqrt(0.1))
+    assert b.update(0.3, 1.5, 1.0).lo == 0.3  # still above the target: move lo up
+    assert b.update(0.3, 0.5, 1.0).hi == 0.3
+
+
+# ---- feature tracking --------------------------------------------------------------------
+def _hand_made():
+    """3 λ points, 3 features, 2 ground-truth features on 8 samples. At λ1 the features are
+    permuted (tracking must follow identity, not index); at λ2 g1's feature dies and g0's
+    turns into a different feature (it now fires on g1's samples too)."""
+    g0 = torch.tensor([1.0, 0, 1, 0, 1, 0, 0, 0])
+    g1 = torch.tensor([0.0, 1, 0, 1, 0, 0, 1, 0])
+    noise = torch.tensor([0.0, 0, 0, 0, 0, 1, 0, 1])
+    gt = torch.stack([g0, g1], 1)
+    acts = [torch.stack([g0, g1, noise], 1), torch.stack([g1, noise, g0], 1),
+            torch.stack([g0 + 0.9 * g1, noise, torch.zeros(8)], 1)]
+    dirs = torch.eye(4)[:2]
+    decs = [torch.stack([dirs[0], dirs[1], torch.eye(4)[3]]),
+            torch.stack([dirs[1], torch.eye(4)[3], dirs[0]]),
+            torch.stack([dirs[0], torch.eye(4)[3], torch.eye(4)[2]])]
+    return acts, decs, gt, dirs
+
+
+def test_neighbour_matching_follows_features_through_a_permutation():
+    acts, _, _, _ = _hand_made()
+    succ, corr = match_neighbours(acts[0], acts[1])
+    assert succ == [2, 0, 1] and min(corr) == pytest.approx(1.0)
+
+
+def test_tracking_finds_where_each_feature_stops_and_how():
+    acts, decs, gt, dirs = _hand_made()
+    t = track(acts, decs, gt, dirs)
+    assert t[0]["recovered"] == [True, True, False] and t[0]["stop"] == 2
+    assert t[0]["fate"] == "changed"  # its feature continues but no longer matches
+    assert t[1]["recovered"] == [True, True, False] and t[1]["stop"] == 2
+    assert t[1]["fate"] == "died"
+
+
+def test_stop_index_cases():
+    assert stop_index([True, True, False, False]) == 2
+    assert stop_index([True, False, True, False]) == 3  # recovered again at 2: stops at 3
+    assert stop_index([True, True]) is None
+    assert stop_index([False, False]) is None
+
+
+# ---- statistics --------------------------------------------------------------------------
+def test_compare_gives_effect_size_and_test_across_seeds():
+    a, b = np.zeros(10), np.ones(10)
+    c = A.compare(a, b)
+    assert c["diff"] == 1.0 and c["cliffs_delta"] == 1.0 and c["p"] < 1e-3
+    same = A.compare(np.full(5, 0.5), np.full(5, 0.5))
+    assert same["cliffs_delta"] == 0.0 and math.isnan(same["p"])  # all tied: no test
+    assert A.fisher_skip(np.zeros(10), np.ones(10)) < 1e-4
+
+
+def test_bootstrap_band_contains_the_mean_and_collapses_for_constant_data():
+    m, lo, hi = A.mean_ci(np.array([0.0, 0.2, 0.4, 1.0, 0.6]))
+    assert lo <= m <= hi and lo < hi
+    assert A.mean_ci(np.array([0.3, 0.3])) == (0.3, 0.3, 0.3)
+
+
+# ---- resuming ----------------------------------------------------------------------------
+RESUME_SPEC = {
+    "name": "resume", "train": {"steps": 40, "log_every": 0},
+    "grid": [{"arch": ["plt", "clt"], "penalty": "tanh", "sparsity_coef": [0.03, 0.3],
+              "seeds": 2, "n_features": 8},
+             {"arch": "clt", "penalty": "topk", "k": [1, 2], "seeds": 2, "n_features": 8}],
+}
+
+
+def _count_steps(monkeypatch, stop_at=None, runner_box=None):
+    """Patch the trainer's step to count steps, and optionally ask for a stop at one."""
+    import training.trainer as T
+
+    real, count = T._step, {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if stop_at is not None and count["n"] == stop_at:
+            runner_box["runner"].active.request_stop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_step", step)
+    return count
+
+
+def test_interrupted_sweep_resumes_without_losing_or_repeating_a_step(tmp_path, monkeypatch):
+    from training import sweep as S
+    from training.sweep_spec import parse_spec
+
+    spec = parse_spec(RESUME_SPEC)
+    monkeypatch.setattr(S, "CHECKPOINT_EVERY", 10)
+    box = {}
+    real_runner = S.Runner
+
+    def runner(*args, **kwargs):
+        box["runner"] = real_runner(*args, **kwargs)
+        return box["runner"]
+
+    monkeypatch.setattr(S, "Runner", runner)
+    # 2 ensembles of 40 steps; stop in the middle of the second one (global step 55).
+    count = _count_steps(monkeypatch, stop_at=55, runner_box=box)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sweep(spec, out, "disabled", progress=False)
+    saved = json.loads((out / "sweep.json").read_text())
+    assert len(saved["runs"]) == 8  # the first ensemble, recorded whole
+    assert list((out / "checkpoints").glob("*.safetensors"))  # the second, mid-way
+    assert count["n"] == 55
+    result = S.run_sweep(spec, out, "disabled", progress=False)
+    assert count["n"] == 80  # 2 ensembles x 40 steps in all: nothing repeated
+    assert result["trained"] == 4 and not list((out / "checkpoints").glob("*"))
+
+    fresh = S.run_sweep(spec, tmp_path / "fresh", "disabled", progress=False)
+    a = {r["run_id"]: r["metrics"] for r in json.loads(result["sweep"].read_text())["runs"]}
+    b = {r["run_id"]: r["metrics"] for r in json.loads(fresh["sweep"].read_text())["runs"]}
+    assert a == b  # the resumed sweep is the uninterrupted one, metric for metric
+    again = S.run_sweep(spec, out, "disabled", progress=False)
+    assert again["trained"] == 0
+    assert (out / "report.md").exists() and (out / "phase_lambda.png").exists()

@@ -1,0 +1,151 @@
+"""Matched-L0 search: the λ at which a setting reaches a requested total L0 per sample.
+
+The same λ gives PLT and CLT different sparsity (GUIDE §3), so they are compared where they
+reach the same L0. L0 falls as λ grows, so the λ for a target is found by bisection in
+log λ inside the pair of neighbouring grid points that brackets the target; each bisection
+point trains a few seeds (all brackets at once, as one ensemble) and uses their mean L0.
+The λ whose mean L0 came closest to the target is then trained with more seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from training.analysis import knob
+
+Knob = tuple  # (setting key, arch, target)
+
+
+@dataclass(frozen=True)
+class Bracket:
+    """lo < hi in λ with f(lo) ≥ target ≥ f(hi) for a decreasing f; every point tried."""
+
+    lo: float
+    hi: float
+    tried: tuple[tuple[float, float], ...]  # (λ, f(λ))
+
+    def midpoint(self) -> float:
+        return math.sqrt(self.lo * self.hi)  # bisection in log λ: λ spans decades
+
+    def update(self, lam: float, value: float, target: float) -> Bracket:
+        tried = (*self.tried, (lam, value))
+        return replace(self, lo=lam, tried=tried) if value >= target else \
+            replace(self, hi=lam, tried=tried)
+
+    def best(self, target: float) -> tuple[float, float]:
+        """The tried (λ, f) closest to the target; ties go to the smaller λ."""
+        return min(self.tried, key=lambda p: (abs(p[1] - target), p[0]))
+
+
+def initial_bracket(points: list[tuple[float, float]], target: float) -> Bracket | None:
+    """From (λ, f) grid points, the first neighbouring pair with f(lo) ≥ target ≥ f(hi);
+    None when the grid never crosses the target (it is out of the grid's range)."""
+    pts = sorted(points)
+    for (l0, f0), (l1, f1) in zip(pts, pts[1:], strict=False):
+        if f0 >= target >= f1:
+            return Bracket(l0, l1, tuple(pts))
+    return None
+
+
+def bisect_log(f: Callable[[list[float]], list[float]], brackets: list[Bracket],
+               targets: list[float], iterations: int) -> list[Bracket]:
+    """Bisect every bracket at once: ``f`` maps a list of λ to their values in one call (one
+    ensemble in the sweep)."""
+    for _ in range(iterations):
+        lams = [b.midpoint() for b in brackets]
+        values = f(lams)
+        brackets = [b.update(lam, v, t)
+                    for b, lam, v, t in zip(brackets, lams, values, targets, strict=True)]
+    return brackets
+
+
+# ---- the search inside a sweep ---------------------------------------------------------
+def setting_key(spec) -> tuple:
+    """What identifies a setting across arch, λ, seed: every other RunSpec field."""
+    d = spec.to_dict()
+    for name in ("arch", "sparsity_coef", "seed", "k"):
+        d.pop(name)
+    return tuple(sorted(d.items()))
+
+
+def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
+    """Bisect λ for every (λ-based setting, arch, target) at the matched width, then train
+    the λ found with ``seeds`` seeds. TopK/BatchTopK fix L0 by k instead: the grid's k
+    whose mean L0 is closest to the target is used. Returns a JSON-ready summary."""
+    m = spec.matched_l0
+    curves = _grid_curves(grid_records, m.n_features)
+    brackets, keys, out = [], [], []
+    for (skey, arch), points in sorted(curves.items(), key=lambda kv: repr(kv[0])):
+        base = _base(dict(skey))
+        for target in m.targets:
+            entry = {"setting": dict(skey), "arch": arch, "target": target}
+            if base.penalty in ("topk", "batchtopk"):
+                out.append(entry | _closest(points, target, "k"))
+                continue
+            b = initial_bracket(points, target)
+            if b is None:
+                out.append(entry | {"status": "out of grid range", "grid": points})
+                continue
+            brackets.append(b)
+            keys.append((base, arch, target, entry))
+
+    def mean_l0(lams: list[float]) -> list[float]:
+        specs = [_with(base, arch, lam, s) for (base, arch, _, _), lam in zip(keys, lams,
+                                                                          strict=True)
+                 for s in range(m.bisect_seeds)]
+        recs = runner.run(specs, "matched-L0 bisection")
+        per = np.array([r["metrics"]["l0_total"] for r in recs]).reshape(len(lams), -1)
+        return per.mean(1).tolist()
+
+    if brackets:
+        brackets = bisect_log(mean_l0, brackets, [k[2] for k in keys], m.iterations)
+    for (_, _, target, entry), b in zip(keys, brackets, strict=True):
+        lam, l0 = b.best(target)
+        out.append(entry | {"status": "found", "lambda": lam, "bisection_l0": l0,
+                            "tried": [list(p) for p in b.tried]})
+    finals = [(e, [_with(_base(e["setting"]), e["arch"], e["lambda"], s, e.get("k"))
+                   for s in range(m.seeds)]) for e in out if e["status"] == "found"]
+    recs = runner.run([s for _, specs in finals for s in specs], "matched-L0 runs")
+    by_id = {r["run_id"]: r for r in recs}
+    from training.experiment import run_id
+    for e, specs in finals:
+        e["run_ids"] = [run_id(s) for s in specs]
+        e["l0_reached"] = float(np.mean([by_id[i]["metrics"]["l0_total"] for i in e["run_ids"]]))
+    return {"targets": list(m.targets), "n_features": m.n_features, "points": out}
+
+
+def _base(setting: dict):
+    """A RunSpec for a setting; budget penalties get a placeholder k, set per point later."""
+    from training.config import RunSpec
+
+    budget = setting["penalty"] in ("topk", "batchtopk")
+    return RunSpec(**setting, k=1 if budget else None)
+
+
+def _with(base, arch: str, lam: float, seed: int, k: int | None = None):
+    return replace(base, arch=arch, sparsity_coef=0.0 if k else float(lam), seed=seed,
+                   k=k if k else base.k)
+
+
+def _grid_curves(records: list[dict], width: int) -> dict:
+    """{(setting key, arch): [(knob, mean L0 over seeds)]} at one width."""
+    from training.config import RunSpec
+
+    acc: dict = {}
+    for r in records:
+        spec = RunSpec(**r["spec"])
+        if spec.n_features != width:
+            continue
+        acc.setdefault((setting_key(spec), spec.arch), {}).setdefault(knob(r), []).append(
+            r["metrics"]["l0_total"])
+    return {k: [(kn, float(np.mean(v))) for kn, v in sorted(pts.items())]
+            for k, pts in acc.items()}
+
+
+def _closest(points, target, name) -> dict:
+    kn, l0 = min(points, key=lambda p: (abs(p[1] - target), p[0]))
+    return {"status": "found", "lambda": 0.0, name: int(kn), "bisection_l0": l0}

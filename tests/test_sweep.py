@@ -163,3 +163,26 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_a_step(tmp_path, 
     again = S.run_sweep(spec, out, "disabled", progress=False)
     assert again["trained"] == 0
     assert (out / "report.md").exists() and (out / "phase_lambda.png").exists()
+
+
+def test_matched_l0_search_shares_points_and_replays_from_the_record(tmp_path):
+    from training.sweep import run_sweep
+    from training.sweep_spec import parse_spec
+
+    # Two grid points only: both targets start in the same bracket, at the same midpoint.
+    spec = parse_spec({"name": "m", "train": {"steps": 40, "log_every": 0},
+                       "matched_l0": {"targets": [6.0, 7.5], "iterations": 2,
+                                      "bisect_seeds": 1, "seeds": 2, "n_features": 8},
+                       "grid": [{"arch": ["plt", "clt"], "penalty": "tanh",
+                                 "sparsity_coef": [0.0001, 100.0], "seeds": 1,
+                                 "n_features": 8}]})
+    out = tmp_path / "m"
+    first = run_sweep(spec, out, "disabled", progress=False)
+    data = json.loads(first["sweep"].read_text())
+    points = data["matched_l0"]["points"]
+    assert {p["status"] for p in points} == {"found"}
+    for p in points:
+        assert len(p["run_ids"]) == 2 and p["l0_reached"] > 0
+        lams = [lam for lam, _ in p["tried"]]
+        assert 0.0001 <= p["lambda"] <= 100.0 and len(lams) == 4  # 2 grid + 2 bisection
+    assert run_sweep(spec, out, "disabled", progress=False)["trained"] == 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from training.analysis import knob
+from training.experiment import run_id
 
 Knob = tuple  # (setting key, arch, target)
 
@@ -94,12 +95,13 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
             keys.append((base, arch, target, entry))
 
     def mean_l0(lams: list[float]) -> list[float]:
-        specs = [_with(base, arch, lam, s) for (base, arch, _, _), lam in zip(keys, lams,
-                                                                          strict=True)
-                 for s in range(m.bisect_seeds)]
-        recs = runner.run(specs, "matched-L0 bisection")
-        per = np.array([r["metrics"]["l0_total"] for r in recs]).reshape(len(lams), -1)
-        return per.mean(1).tolist()
+        specs = [[_with(base, arch, lam, s) for s in range(m.bisect_seeds)]
+                 for (base, arch, _, _), lam in zip(keys, lams, strict=True)]
+        # Two targets in one bracket share a midpoint at first: train it once.
+        recs = runner.run(list(dict.fromkeys(s for row in specs for s in row)),
+                          "matched-L0 bisection")
+        by_id = {r["run_id"]: r["metrics"]["l0_total"] for r in recs}
+        return [float(np.mean([by_id[run_id(s)] for s in row])) for row in specs]
 
     if brackets:
         brackets = bisect_log(mean_l0, brackets, [k[2] for k in keys], m.iterations)
@@ -109,9 +111,10 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
                             "tried": [list(p) for p in b.tried]})
     finals = [(e, [_with(_base(e["setting"]), e["arch"], e["lambda"], s, e.get("k"))
                    for s in range(m.seeds)]) for e in out if e["status"] == "found"]
-    recs = runner.run([s for _, specs in finals for s in specs], "matched-L0 runs")
+    # Targets that land on the same point (e.g. TopK's k for 1.0 and 1.5) share its runs.
+    unique = list(dict.fromkeys(s for _, specs in finals for s in specs))
+    recs = runner.run(unique, "matched-L0 runs")
     by_id = {r["run_id"]: r for r in recs}
-    from training.experiment import run_id
     for e, specs in finals:
         e["run_ids"] = [run_id(s) for s in specs]
         e["l0_reached"] = float(np.mean([by_id[i]["metrics"]["l0_total"] for i in e["run_ids"]]))

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from clt_eval.atomic import write_json_atomic
+from clt_eval.atomic import nan_to_none, write_json_atomic
 from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError, require
 from training.checkpoint import Checkpoint, stop_gracefully
@@ -71,7 +71,8 @@ class SweepStore:
 
     def write(self) -> None:
         write_json_atomic(self.path, {"spec": self.spec.to_dict(),
-                                      "runs": list(self.records.values())} | self.extra)
+                                      "runs": list(self.records.values())}
+                          | nan_to_none(self.extra))
 
 
 class Runner:

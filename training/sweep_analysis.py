@@ -154,7 +154,7 @@ def matched_rows(matched: dict, by_id: dict) -> list[dict]:
             recs = [by_id[i] for i in p["run_ids"]]
             row |= {"knob": p.get("k") or p["lambda"], "recs": recs} | point_summary(recs)
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: (r["setting"], r["target"], r["arch"]))
 
 
 def plt_vs_clt(rows: list[dict]) -> list[dict]:

@@ -51,8 +51,15 @@ class WandbLogger:
         if not rows:
             return
         cols = list(rows[0])
-        self.run.log({key: wandb.Table(columns=cols,
-                                       data=[[_cell(r.get(c)) for c in cols] for r in rows])})
+        data = [[_cell(r.get(c)) for c in cols] for r in rows]
+        # wandb types a column by its first value and rejects others: a column mixing
+        # numbers and words ("never recovered") becomes text.
+        for j in range(len(cols)):
+            if len({type(row[j]) for row in data if row[j] is not None} - {int, float}) and \
+                    len({type(row[j]) for row in data if row[j] is not None}) > 1:
+                for row in data:
+                    row[j] = None if row[j] is None else str(row[j])
+        self.run.log({key: wandb.Table(columns=cols, data=data)})
 
     def images(self, paths: list[Path]) -> None:
         import wandb

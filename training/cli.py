@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(t, RunSpec, grid=GRID_FIELDS)
     add_dataclass_options(t, TrainConfig)
     _add_sweep_parser(sub)
+    _add_graph_parser(sub)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
     e.add_argument("run_dir", help="a transcoder folder, or a folder holding transcoders/")
     sub.add_parser("case-studies", help="list registered case studies")
@@ -87,12 +88,29 @@ def _add_sweep_parser(sub) -> None:
     s.add_argument("--steps", type=int, default=None, help="training steps per run")
 
 
+def _add_graph_parser(sub) -> None:
+    g = sub.add_parser("graph", help="attribution graph of a prompt through a transcoder "
+                       "spliced into a language model (JSON + PNG)")
+    g.add_argument("transcoder", help="a transcoder folder (clt-eval, circuit-tracer, sae_lens)")
+    g.add_argument("--model", required=True, help="tiny, smollm2-135m or a config .json")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", default="runs/graph")
+    g.add_argument("--target-token", type=int, nargs="+", default=None,
+                   help="token ids whose logits to explain (default: the most probable)")
+    g.add_argument("--max-logits", type=int, default=10)
+    g.add_argument("--node-threshold", type=float, default=0.8)
+    g.add_argument("--edge-threshold", type=float, default=0.98)
+    g.add_argument("--batch-size", type=int, default=16, help="targets per backward pass")
+    g.add_argument("--include-first", action="store_true",
+                   help="give position 0 (BOS, the attention sink) features too")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"reproduce": _reproduce, "train": _train, "evaluate": _evaluate,
                 "case-studies": _case_studies, "sweep": _sweep,
-                "convert": _convert}[args.command](args)
+                "convert": _convert, "graph": _graph}[args.command](args)
     except CltEvalError as exc:
         print(f"clt-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -146,6 +164,17 @@ def _sweep(args) -> int:
     result = run_sweep(spec, Path(args.out), args.wandb_mode,
                        save_transcoders=not args.no_save_transcoders)
     print(f"{result['trained']} runs trained; wrote {result['sweep']}, {result['report']}")
+    return 0
+
+
+def _graph(args) -> int:
+    from training.graph_plot import make_graph
+
+    paths = make_graph(args.transcoder, args.model, args.prompt, args.out,
+                       target_tokens=args.target_token, max_logits=args.max_logits,
+                       node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                       batch_size=args.batch_size, skip_first=not args.include_first)
+    print(f"wrote {paths['json']} and {paths['png']}")
     return 0
 
 

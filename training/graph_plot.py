@@ -124,3 +124,38 @@ def write_graph(g: AttributionGraph, out_dir: str | Path, node_threshold: float 
     out = Path(out_dir)
     return {"json": save_graph(sub, out / "graph.json", out_inf),
             "png": plot_graph(sub, out / "graph.png", out_inf)}
+
+
+def load_windowed_transcoder(path: str | Path):
+    """(Transcoder, LayerWindow) from a transcoder folder in any format ``clt_eval.formats``
+    reads; a clt-eval folder saved without a window replaces model layers 0..L-1, as
+    ``clt-eval convert`` assumes."""
+    from clt_eval.formats import load_any
+    from clt_eval.lm.window import LayerWindow
+
+    tc, window = load_any(path)
+    return tc, window or LayerWindow(tuple(range(tc.cfg.n_layers)))
+
+
+def make_graph(transcoder: str | Path, model_name: str, prompt: str, out_dir: str | Path, *,
+               target_tokens: list[int] | None = None, max_logits: int = 10,
+               node_threshold: float = 0.8, edge_threshold: float = 0.98,
+               batch_size: int = 16, skip_first: bool = True) -> dict[str, Path]:
+    """`clt-eval graph`: attribute ``prompt`` through a saved windowed transcoder, write
+    ``graph.json`` and ``graph.png``. Every input is checked before anything is written."""
+    from clt_eval.errors import require
+    from clt_eval.lm.attribution import attribute, tokenize_prompt
+    from clt_eval.lm.models import load_model
+
+    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        require(0 <= v <= 1, f"{name}={v!r}: expected a number in [0, 1]")
+    require(max_logits > 0, f"max_logits={max_logits!r}: expected a positive integer")
+    out = Path(out_dir)
+    require(not out.exists() or out.is_dir(), f"{out}: exists and is not a folder")
+    tc, window = load_windowed_transcoder(transcoder)
+    model = load_model(model_name)
+    tokens = tokenize_prompt(model, prompt)
+    g = attribute(model, tc, window, tokens, target_tokens=target_tokens,
+                  max_logits=max_logits, batch_size=batch_size, skip_first=skip_first)
+    g.meta |= {"transcoder_path": str(transcoder), "prompt": prompt}
+    return write_graph(g, out, node_threshold, edge_threshold)

@@ -78,21 +78,7 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
     the λ found with ``seeds`` seeds. TopK/BatchTopK fix L0 by k instead: the grid's k
     whose mean L0 is closest to the target is used. Returns a JSON-ready summary."""
     m = spec.matched_l0
-    curves = _grid_curves(grid_records, m.n_features)
-    brackets, keys, out = [], [], []
-    for (skey, arch), points in sorted(curves.items(), key=lambda kv: repr(kv[0])):
-        base = _base(dict(skey))
-        for target in m.targets:
-            entry = {"setting": dict(skey), "arch": arch, "target": target}
-            if base.penalty in ("topk", "batchtopk"):
-                out.append(entry | _closest(points, target, "k"))
-                continue
-            b = initial_bracket(points, target)
-            if b is None:
-                out.append(entry | {"status": "out of grid range", "grid": points})
-                continue
-            brackets.append(b)
-            keys.append((base, arch, target, entry))
+    out, keys, brackets = _plan(_grid_curves(grid_records, m.n_features), m.targets)
 
     def mean_l0(lams: list[float]) -> list[float]:
         specs = [[_with(base, arch, lam, s) for s in range(m.bisect_seeds)]
@@ -109,16 +95,40 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
         lam, l0 = b.best(target)
         out.append(entry | {"status": "found", "lambda": lam, "bisection_l0": l0,
                             "tried": [list(p) for p in b.tried]})
+    _train_finals(runner, [e for e in out if e["status"] == "found"], m.seeds)
+    return {"targets": list(m.targets), "n_features": m.n_features, "points": out}
+
+
+def _plan(curves: dict, targets) -> tuple[list, list, list]:
+    """(finished entries, bisection keys, their brackets): TopK points are picked from the
+    grid at once; λ points get a bracket, or are reported as out of the grid's range."""
+    out, keys, brackets = [], [], []
+    for (skey, arch), points in sorted(curves.items(), key=lambda kv: repr(kv[0])):
+        base = _base(dict(skey))
+        for target in targets:
+            entry = {"setting": dict(skey), "arch": arch, "target": target}
+            if base.penalty in ("topk", "batchtopk"):
+                out.append(entry | _closest(points, target, "k"))
+                continue
+            b = initial_bracket(points, target)
+            if b is None:
+                out.append(entry | {"status": "out of grid range", "grid": points})
+                continue
+            brackets.append(b)
+            keys.append((base, arch, target, entry))
+    return out, keys, brackets
+
+
+def _train_finals(runner, found: list[dict], seeds: int) -> None:
+    """Train each point found with ``seeds`` seeds; adds run ids and the L0 reached."""
     finals = [(e, [_with(_base(e["setting"]), e["arch"], e["lambda"], s, e.get("k"))
-                   for s in range(m.seeds)]) for e in out if e["status"] == "found"]
+                   for s in range(seeds)]) for e in found]
     # Targets that land on the same point (e.g. TopK's k for 1.0 and 1.5) share its runs.
     unique = list(dict.fromkeys(s for _, specs in finals for s in specs))
-    recs = runner.run(unique, "matched-L0 runs")
-    by_id = {r["run_id"]: r for r in recs}
+    by_id = {r["run_id"]: r for r in runner.run(unique, "matched-L0 runs")}
     for e, specs in finals:
         e["run_ids"] = [run_id(s) for s in specs]
         e["l0_reached"] = float(np.mean([by_id[i]["metrics"]["l0_total"] for i in e["run_ids"]]))
-    return {"targets": list(m.targets), "n_features": m.n_features, "points": out}
 
 
 def _base(setting: dict):

@@ -55,8 +55,8 @@ class WandbLogger:
         # wandb types a column by its first value and rejects others: a column mixing
         # numbers and words ("never recovered") becomes text.
         for j in range(len(cols)):
-            if len({type(row[j]) for row in data if row[j] is not None} - {int, float}) and \
-                    len({type(row[j]) for row in data if row[j] is not None}) > 1:
+            kinds = {type(row[j]) for row in data if row[j] is not None}
+            if len(kinds) > 1 and not kinds <= {int, float, bool}:
                 for row in data:
                     row[j] = None if row[j] is None else str(row[j])
         self.run.log({key: wandb.Table(columns=cols, data=data)})

@@ -177,7 +177,7 @@ def test_matched_l0_search_shares_points_and_replays_from_the_record(tmp_path):
                                  "sparsity_coef": [0.0001, 100.0], "seeds": 1,
                                  "n_features": 8}]})
     out = tmp_path / "m"
-    first = run_sweep(spec, out, "disabled", progress=False)
+    first = run_sweep(spec, out, "offline", progress=False)  # real wandb runs, offline
     data = json.loads(first["sweep"].read_text())
     points = data["matched_l0"]["points"]
     assert {p["status"] for p in points} == {"found"}
@@ -186,3 +186,6 @@ def test_matched_l0_search_shares_points_and_replays_from_the_record(tmp_path):
         lams = [lam for lam, _ in p["tried"]]
         assert 0.0001 <= p["lambda"] <= 100.0 and len(lams) == 4  # 2 grid + 2 bisection
     assert run_sweep(spec, out, "disabled", progress=False)["trained"] == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) >= 3  # grid, bisection and final ensembles, and the summary
+    assert any((r / "files" / "media" / "images").is_dir() for r in runs)  # the plots

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -35,3 +38,28 @@ def nan_to_none(x):
     if isinstance(x, list | tuple):
         return [nan_to_none(v) for v in x]
     return None if isinstance(x, float) and math.isnan(x) else x
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``target``; on success rename it onto ``target``
+    (moving an old folder aside first, since POSIX cannot rename onto a non-empty folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling lies on the same filesystem, which makes the renames atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -14,15 +14,13 @@ Tensors on disk carry no run dim: ``W_enc`` [L,D,F], ``b_enc`` [L,F], ``W_dec`` 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
+from clt_eval.atomic import atomic_folder
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import CltEvalError, require
 from clt_eval.transcoder import Transcoder
@@ -60,16 +58,9 @@ def save_transcoder(tc: Transcoder, path: str | Path, extra: dict | None = None)
     except (TypeError, ValueError) as exc:
         raise CltEvalError(f"{target}: extra is not JSON-serialisable ({exc})") from None
     tensors = _tensors_to_save(tc)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling folder lies on the same filesystem, which makes the final rename atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(config_text)
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE))
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -93,22 +84,6 @@ def _tensors_to_save(tc: Transcoder) -> dict[str, torch.Tensor]:
     # Clone: safetensors refuses views and tensors that share storage.
     return {name: full[name][0].detach().cpu().contiguous().clone()
             for name in expected_shapes(tc.cfg)}
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` onto ``target``. POSIX cannot rename onto a non-empty folder, so an old
-    save is first moved aside, and moved back if the rename fails."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old)  # `old` is empty, so this rename is allowed
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- loading -----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# The tests' tensors are tiny: a second thread only adds OpenMP synchronisation, which cost
+# 10-80x on these shapes whenever the other core was busy (measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

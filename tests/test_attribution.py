@@ -36,16 +36,6 @@ def _tc(arch, layers, skip=False, **kw) -> Transcoder:
     return tc.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP's spin-waits, which cost 10-80x here
-    when the two cores are shared with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(3))

@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# A WANDB_DIR the user set wins; otherwise each logger writes under its own output folder
+# (passed to wandb.init, since the environment keeps only the first folder set in a process).
+_USER_WANDB_DIR = os.environ.get("WANDB_DIR")
+
 
 def configure_wandb_dirs(root: Path) -> None:
     """Keep wandb's files under ``root`` instead of the home folder (unless the user set them)."""
@@ -27,6 +31,7 @@ def configure_wandb_dirs(root: Path) -> None:
 class WandbLogger:
     def __init__(self, mode: str, group: str, project: str = "clt-eval", root: Path | None = None):
         self.mode, self.group, self.project = mode, group, project
+        self.dir = _USER_WANDB_DIR or (str(root) if root is not None else None)
         if root is not None and mode != "disabled":
             configure_wandb_dirs(root)
         self.run = None
@@ -35,7 +40,8 @@ class WandbLogger:
         import wandb  # lazy: keeps `clt-eval --help` fast
 
         self.run = wandb.init(project=self.project, group=self.group, name=name,
-                              job_type=job_type, config=config, mode=self.mode, reinit=True)
+                              job_type=job_type, config=config, mode=self.mode, reinit=True,
+                              dir=self.dir)
 
     def ensemble_logger(self, run_ids: list[str]):
         """A trainer callback logging each member's [R] values under metric/run_id."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clt_eval.atomic import atomic_folder
 from clt_eval.errors import check_choice
 from clt_eval.formats import _common as C
 from clt_eval.formats import circuit_tracer as ct
@@ -62,6 +63,6 @@ def save_as(tc: Transcoder, window: LayerWindow | None, path: str | Path, fmt: s
         def write(folder: Path) -> None:
             sae_lens_io.write_sae_lens(saes, window.layers, folder)
     C.check_replaceable(target, is_recognised(target))
-    with C.atomic_folder(target) as tmp:
+    with atomic_folder(target) as tmp:
         write(tmp)
     return target

@@ -7,11 +7,6 @@ with one line naming the file and tensor, before anything is built or written (G
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors
@@ -159,26 +154,3 @@ def check_replaceable(target: Path, recognised: bool) -> None:
             "expected an empty folder or a transcoder folder to replace")
 
 
-@contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``target``; on success rename it onto ``target``
-    (moving an old folder aside first, since POSIX cannot rename onto a non-empty folder)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling lies on the same filesystem, which makes the renames atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if not target.exists():
-            os.replace(tmp, target)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except CltEvalError as exc:
         print(f"clt-eval: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Everything finished is on disk; a sweep also keeps its checkpoint.
+        print("clt-eval: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 def _reproduce(args) -> int:

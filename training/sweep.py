@@ -105,8 +105,10 @@ class Runner:
                                       checkpoint=self.active)
                 self.store.add(recs)
                 self.active.remove()
-                self.active = None
                 self.trained += len(chunk)
+                if self.active.stop_requested:  # a signal that came during evaluation
+                    raise KeyboardInterrupt("stopped between ensembles")
+                self.active = None
         return [self.store.get(s) for s in specs]
 
     @staticmethod

@@ -56,23 +56,49 @@ def per_run(cfgs: LossConfig | list[LossConfig], R: int) -> list[LossConfig]:
     return [cfgs] * R if isinstance(cfgs, LossConfig) else list(cfgs)
 
 
-def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossPlan:
+    """Per-run loss settings as tensors and run groups, built once per training rather than
+    from R config objects at every step (that Python loop cost ~1 ms a step at R = 512)."""
+
+    groups: dict  # (penalty, decoder norm, tanh c) -> run indices [R_g]
+    cross_R: torch.Tensor  # κ
+    preact_R: torch.Tensor
+    auxk_R: torch.Tensor
+    normed: bool  # does any run need the decoder block norms?
+
+    @classmethod
+    def build(cls, cfgs, R: int) -> LossPlan:
+        if isinstance(cfgs, LossPlan):
+            return cfgs
+        cfgs = per_run(cfgs, R)
+        runs: dict[tuple, list[int]] = defaultdict(list)
+        for r, c in enumerate(cfgs):
+            runs[(c.penalty, c.decoder_norm, c.tanh_scale)].append(r)
+        cross = torch.tensor([c.cross_layer_coef for c in cfgs])
+        return cls({k: torch.tensor(v) for k, v in runs.items()}, cross,
+                   torch.tensor([c.preact_coef for c in cfgs]),
+                   torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
+                                 for c in cfgs]),
+                   any(k[0] in NORMED_PENALTIES for k in runs) or bool((cross > 0).any()))
+
+
+def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
+                     block_norms_RSTF: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of each run's per-sample penalty, [R] (λ not applied).
 
     Runs are grouped by (penalty, norm, c) and each group is priced on its own slice, so
-    l1 and tanh runs with any decoder norm train side by side in one ensemble.
+    l1 and tanh runs with any decoder norm train side by side in one ensemble. ``cfgs`` is
+    one ``LossConfig``, one per run, or a ``LossPlan``.
     """
     R = out.acts_RBLF.shape[0]
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for r, c in enumerate(per_run(cfgs, R)):
-        groups[(c.penalty, c.decoder_norm, c.tanh_scale)].append(r)
+    plan = LossPlan.build(cfgs, R)
     result = out.acts_RBLF.new_zeros(R)
-    block_norms = tc.decoder_block_norms() if any(k[0] in NORMED_PENALTIES for k in groups) \
-        else None
-    for (penalty, norm, scale), runs in groups.items():
-        idx = torch.tensor(runs, device=result.device)
+    if block_norms_RSTF is None and plan.normed:
+        block_norms_RSTF = tc.decoder_block_norms()
+    for (penalty, norm, scale), idx in plan.groups.items():
         if penalty in NORMED_PENALTIES:
-            norms = feature_norms(block_norms[idx], norm)
+            norms = feature_norms(block_norms_RSTF[idx], norm)
             value = penalty_terms(out.acts_RBLF[idx], norms, penalty, scale).mean(1)
         elif penalty == "l0":
             thr = tc.threshold()[idx][:, None]
@@ -84,10 +110,11 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs) -> torch.Tenso
     return result
 
 
-def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor) -> torch.Tensor:
+def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,
+                     block_norms_RSTF: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i a_i Σ_{t>s} ‖W_dec,i^{s→t}‖ per sample, [R,B]: what the cross-layer decoder
     blocks write, in l1 units. 0 for a PLT, which has no such blocks."""
-    norms_RSTF = tc.decoder_block_norms()
+    norms_RSTF = tc.decoder_block_norms() if block_norms_RSTF is None else block_norms_RSTF
     S = norms_RSTF.shape[1]
     off = torch.ones(S, S, dtype=torch.bool, device=norms_RSTF.device).triu(1)
     cross_RSF = (norms_RSTF * off[None, :, :, None]).sum(2)
@@ -120,22 +147,20 @@ class LossParts:
 def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts:
     """Reconstruction (summed over layers and dims, mean over samples) + λ·penalty + extras.
 
-    ``cfgs`` is one ``LossConfig`` for all runs or one per run; ``coef_R`` is each run's
-    current λ (after warm-up).
+    ``cfgs`` is one ``LossConfig`` for all runs, one per run, or a prebuilt ``LossPlan``;
+    ``coef_R`` is each run's current λ (after warm-up).
     """
     B, R = target_BLD.shape[0], out.acts_RBLF.shape[0]
-    cfgs = per_run(cfgs, R)
+    plan = LossPlan.build(cfgs, R)
     mse = (out.recon_RBLD - target_BLD[None]).pow(2).flatten(1).sum(-1) / B
-    sparsity = sparsity_penalty(tc, out, cfgs)
+    block_norms = tc.decoder_block_norms() if plan.normed else None  # once per step
+    sparsity = sparsity_penalty(tc, out, plan, block_norms)
     total = mse + coef_R * sparsity
-    preact = torch.tensor([c.preact_coef for c in cfgs])
-    if bool((preact > 0).any()):
-        total = total + preact * (-out.pre_RBLF).relu().flatten(1).sum(-1) / B
-    cross = torch.tensor([c.cross_layer_coef for c in cfgs])
-    if bool((cross > 0).any()):
-        total = total + coef_R * cross * cross_layer_mass(tc, out.acts_RBLF).mean(1)
-    auxk = torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
-                         for c in cfgs])
-    if bool((auxk > 0).any()) and dead_RLF is not None:
-        total = total + auxk * auxk_loss(tc, out, target_BLD, dead_RLF)
+    if bool((plan.preact_R > 0).any()):
+        total = total + plan.preact_R * (-out.pre_RBLF).relu().flatten(1).sum(-1) / B
+    if bool((plan.cross_R > 0).any()):
+        total = total + coef_R * plan.cross_R * cross_layer_mass(tc, out.acts_RBLF,
+                                                                 block_norms).mean(1)
+    if bool((plan.auxk_R > 0).any()) and dead_RLF is not None:
+        total = total + plan.auxk_R * auxk_loss(tc, out, target_BLD, dead_RLF)
     return LossParts(total, mse.detach(), sparsity.detach())

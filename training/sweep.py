@@ -28,7 +28,7 @@ from training.sweep_spec import SweepSpec
 from training.wandb_logger import WandbLogger
 
 CHECKPOINT_EVERY = 250
-MAX_ENSEMBLE = 512  # runs per ensemble: big enough to amortise a step, small enough to
+MAX_ENSEMBLE = 1024  # runs per ensemble: big enough to amortise a step, small enough to
 # checkpoint often and keep memory flat
 
 

@@ -36,6 +36,7 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_ensemble.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_activations.py  # add --smollm2 after make smollm2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

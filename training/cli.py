@@ -102,6 +102,9 @@ def _add_lm_options(t) -> None:
                        ("model_batch", int), ("cache_dir", str), ("input_hook", str),
                        ("output_hook", str)):
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    for name in ("drop_first", "normalize"):
+        g.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                       default=None)
 
 
 def _add_graph_parser(sub) -> None:
@@ -166,7 +169,8 @@ def _train_lm(args, specs, train_cfg) -> int:
     if args.layers is None:
         raise CltEvalError("--layers: required with --model; expected model layer indices")
     extra = {k: getattr(args, k) for k in ("n_tokens", "eval_tokens", "n_ctx", "model_batch",
-                                           "cache_dir", "input_hook", "output_hook")
+                                           "cache_dir", "input_hook", "output_hook",
+                                           "drop_first", "normalize")
              if getattr(args, k) is not None}
     data = LMDataConfig(model=args.model, layers=tuple(args.layers), corpus=args.corpus, **extra)
     out = train_on_model(data, specs, train_cfg, Path(args.out), args.wandb_mode)

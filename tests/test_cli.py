@@ -177,3 +177,12 @@ def test_train_on_a_model_bad_input_exits_2_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
     assert not out.exists()
+
+
+def test_compare_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "nope_plt"), str(tmp_path / "nope_clt"),
+                 "--model", "tiny", "--out", str(out), "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope_plt" in err and "\n" not in err
+    assert not out.exists()

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_options(t)
     _add_sweep_parser(sub)
     _add_graph_parser(sub)
+    _add_compare_parser(sub)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
     e.add_argument("run_dir", help="a transcoder folder, or a folder holding transcoders/")
     sub.add_parser("case-studies", help="list registered case studies")
@@ -124,12 +125,26 @@ def _add_graph_parser(sub) -> None:
                    help="give position 0 (BOS, the attention sink) features too")
 
 
+def _add_compare_parser(sub) -> None:
+    c = sub.add_parser("compare", help="PLT vs CLT on a language model's prompts: attribution "
+                       "proxies, node overlap, agreement under interventions")
+    c.add_argument("plt", help="the per-layer transcoder folder")
+    c.add_argument("clt", help="the cross-layer transcoder folder (same window)")
+    c.add_argument("--model", required=True, help="tiny, smollm2-135m or a config .json")
+    c.add_argument("--prompts", default=None,
+                   help="prompt file (default: the packaged two-hop / memorized / novel set)")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
+    c.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest for attribution on 2 shared cores)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"reproduce": _reproduce, "train": _train, "evaluate": _evaluate,
                 "case-studies": _case_studies, "sweep": _sweep,
-                "convert": _convert, "graph": _graph}[args.command](args)
+                "convert": _convert, "graph": _graph, "compare": _compare}[args.command](args)
     except CltEvalError as exc:
         print(f"clt-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -215,6 +230,15 @@ def _graph(args) -> int:
                        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
                        batch_size=args.batch_size, skip_first=not args.include_first)
     print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+def _compare(args) -> int:
+    from training.compare import compare
+
+    paths = compare(args.model, args.plt, args.clt, args.prompts, args.out,
+                    wandb_mode=args.wandb_mode, threads=args.threads)
+    print(f"wrote {paths.get('report', args.out)}")
     return 0
 
 

@@ -1,0 +1,145 @@
+"""PNG plots for `clt-eval compare` (matplotlib, headless, written atomically). Each plot
+draws numbers from the compare records; none computes a metric of its own."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from training.sweep_plots import save_figure
+
+COLORS = {"plt": "#1f77b4", "clt": "#d62728"}
+NAMES = ("plt", "clt")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_plots(out: Path, result: dict, drawn: dict) -> list[Path]:
+    """All plots of the report; ``drawn``: {group: (record, {name: (pruned graph, influence)})}."""
+    paths = [layer_profiles(out, result["summary"]), prompt_metrics(out, result["prompts"]),
+             interventions(out, result["prompts"])]
+    for group, (rec, graphs) in drawn.items():
+        paths.append(graph_pair(out / f"graphs_{_slug(group)}.png", rec, graphs))
+    return paths
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float]], width: float = 0.38):
+    x = np.arange(len(labels))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, _nan(vals), width,
+               color=COLORS.get(name, "#7f7f7f"), label=name.upper())
+    ax.set_xticks(x, labels, fontsize=7)
+
+
+def _nan(vals) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in vals]
+
+
+def layer_profiles(out: Path, summary: dict) -> Path:
+    """Per group: influence share, direct-edge share and L0 by window layer, PLT vs CLT."""
+    plt = _plt()
+    groups = list(summary)
+    keys = (("influence_by_layer", "share of feature influence"),
+            ("direct_by_layer", "share of direct logit edges"), ("l0_per_layer", "L0 per token"))
+    fig, axes = plt.subplots(len(groups), 3, figsize=(11, 2.4 * len(groups)), squeeze=False)
+    for gi, g in enumerate(groups):
+        for ki, (key, title) in enumerate(keys):
+            ax = axes[gi, ki]
+            L = len(summary[g]["plt"][key])
+            _bars(ax, [str(i) for i in range(L)], {n: summary[g][n][key] for n in NAMES})
+            ax.set_title(f"{g}: {title}", fontsize=8)
+            if gi == len(groups) - 1:
+                ax.set_xlabel("window layer", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out / "layer_profiles.png")
+
+
+METRICS = (("early_share", "early-layer share"), ("l0_cv", "L0 CV across layers"),
+           ("mean_path_length", "mean path length"), ("mean_feature_hops", "feature hops"),
+           ("window_replacement", "replacement (window)"),
+           ("window_completeness", "completeness (window)"))
+
+
+def prompt_metrics(out: Path, records: list[dict]) -> Path:
+    """One panel per metric, a pair of bars per prompt; the last panel is the Jaccard."""
+    plt = _plt()
+    labels = [f"{r['group'][:4]}{i}" for i, r in enumerate(records)]
+    fig, axes = plt.subplots(len(METRICS) + 1, 1, figsize=(max(7, 0.45 * len(records) + 2),
+                                                           2.0 * (len(METRICS) + 1)))
+    for ax, (key, title) in zip(axes, METRICS, strict=False):
+        _bars(ax, labels, {n: [r[n][key] for r in records] for n in NAMES})
+        ax.set_title(title, fontsize=8)
+    _bars(axes[-1], labels, {"jaccard": [r["overlap"]["jaccard"] for r in records]}, 0.6)
+    axes[-1].set_title("matched-node Jaccard, PLT vs CLT pruned graphs", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out / "prompt_metrics.png")
+
+
+def interventions(out: Path, records: list[dict]) -> Path:
+    """Δ log-prob of the answer: real model (x) vs replacement (y), per variant."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    markers = {"zero": "o", "patch": "^"}
+    for ax, variant in zip(axes, ("frozen", "whole"), strict=True):
+        lim = 0.0
+        for name in NAMES:
+            for kind, m in markers.items():
+                cs = [c for r in records for c in r["interventions"]
+                      if c["kind"] == kind and c["scope"] == "all"]
+                if not cs:
+                    continue
+                x = [c["true"]["dlogprob"] for c in cs]
+                y = [c[f"{name}_{variant}"]["dlogprob"] for c in cs]
+                lim = max(lim, *map(abs, x), *map(abs, y))
+                ax.scatter(x, y, s=22, marker=m, color=COLORS[name], alpha=0.75,
+                           label=f"{name.upper()} {kind}")
+        lim = lim * 1.05 if lim > 0 and math.isfinite(lim) else 1.0
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlabel("Δ log p(answer), real model")
+        ax.set_ylabel("Δ log p(answer), replacement")
+        ax.set_title(f"middle-layer interventions, all positions ({variant} error)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out / "interventions.png")
+
+
+def graph_pair(path: Path, rec: dict, graphs: dict) -> Path:
+    """The PLT's and the CLT's pruned graphs of one prompt, side by side (each drawn by
+    ``training.graph_plot.plot_graph``, then set next to each other)."""
+    from training.graph_plot import plot_graph
+
+    plt = _plt()
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for name in NAMES:
+            sub, inf = graphs[name]
+            m = rec[name]
+            title = (f"{name.upper()}: early share {m['early_share']:.2f}, path "
+                     f"{m['mean_path_length']:.2f}, repl {m['window_replacement']:.2f}")
+            images.append(plt.imread(plot_graph(sub, Path(tmp) / f"{name}.png", inf, title)))
+    w = sum(im.shape[1] for im in images) / 120
+    h = max(im.shape[0] for im in images) / 120
+    fig, axes = plt.subplots(1, 2, figsize=(w, h + 0.5))
+    for ax, im in zip(axes, images, strict=True):
+        ax.imshow(im)
+        ax.axis("off")
+    fig.suptitle(f"{rec['group']}: {rec['text']!r} → {rec['target_str']!r}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_") or "group"

@@ -130,6 +130,25 @@ def test_effect_agreement_by_hand():
     assert GM.middle_layers(4) == [1, 2] and GM.middle_layers(2) == [0, 1]
 
 
+def test_window_prune_counts_outside_errors_as_inputs():
+    """An error node of an MLP outside the window carries most of the answer's input: ranked
+    with the features it leaves none; counted as an input, both features stay."""
+    from training.compare import window_prune
+
+    A = torch.zeros(5, 5)  # [f0, f1 (model layer 10), error (layer 5), embedding, logit]
+    A[4, 2], A[4, 0], A[4, 1], A[0, 3], A[1, 3] = 100.0, 1.0, 1.0, 1.0, 1.0
+    g = G.AttributionGraph(
+        kind=["feature", "feature", "error", "embedding", "logit"], layer=[10, 10, 5, -1, 30],
+        tc_layer=[0, 0, -1, -1, -1], position=[1, 1, 1, 1, 1], feature=[0, 1, -1, -1, -1],
+        activation=[1.0, 1.0, 1.0, 1.0, 1.0], token=[-1, -1, -1, 3, 7], A_NN=A,
+        prompt_tokens=[0, 3], meta={"window": {"layers": [10, 11]}})
+    standard, _, _ = G.prune(A, g.logit_weights(), g.kind)
+    assert not standard[:2].any()
+    node_mask, edge_mask = window_prune(g, 0.8, 0.98)
+    assert node_mask.tolist() == [True, True, True, True, True]
+    assert edge_mask[4, 0] and edge_mask[4, 1] and edge_mask[4, 2]
+
+
 # ---- the intervention plumbing on the tiny model ------------------------------------------------
 @pytest.fixture(scope="module")
 def tokens():

@@ -171,9 +171,10 @@ def graph_summary(g, n_layers: int, n_features: int, first: int, node_threshold:
     spread = GM.l0_spread(l0)
     emb = g.mask("embedding")
     hops = GM.path_mass(An, w, emb | g.mask("error"))
-    node_mask, edge_mask, _ = prune(g.A_NN, w, g.kind, node_threshold, edge_threshold)
+    node_mask, edge_mask = window_prune(g, node_threshold, edge_threshold)
     kept = (node_mask & is_f).nonzero()[:, 0].tolist()
     nodes = {(g.tc_layer[i], g.position[i], g.feature[i]) for i in kept}
+    n_all = int((prune(g.A_NN, w, g.kind, node_threshold, edge_threshold)[0] & is_f).sum())
     metrics = {
         "early_share": GM.early_share(share), "influence_by_layer": share.tolist(),
         "direct_early_share": GM.early_share(direct), "direct_by_layer": direct.tolist(),
@@ -184,8 +185,29 @@ def graph_summary(g, n_layers: int, n_features: int, first: int, node_threshold:
         "mean_feature_hops": GM.mean_path_length(hops[1:]) if hops.numel() > 1
         else float("nan"),
         **{k: float(v) for k, v in g.scores.items()},
-        "n_features_active": int(is_f.sum()), "n_features_pruned": len(nodes)}
+        "n_features_active": int(is_f.sum()), "n_features_pruned": len(nodes),
+        "n_features_pruned_all_errors": n_all}
     return metrics, nodes, (g.subgraph(node_mask, edge_mask), (inf + w)[node_mask])
+
+
+def window_prune(g, node_threshold: float, edge_threshold: float):
+    """``clt_eval.lm.graph.prune`` with the error nodes of MLPs outside the transcoder's window
+    counted as inputs, like the embeddings (as the ``window_`` scores count them): ranked
+    among the nodes, the 26 out-of-window layers' error nodes of a 4-layer window on a
+    30-layer model would carry most of the influence and leave one or two features. Those
+    error nodes are kept only where a kept edge touches them. (node_mask, edge_mask)."""
+    import torch
+
+    from clt_eval.lm.graph import prune
+
+    layers = set(g.meta["window"]["layers"])
+    outside = torch.tensor([k == "error" and ly not in layers
+                            for k, ly in zip(g.kind, g.layer, strict=True)])
+    kinds = ["embedding" if o else k for k, o in zip(g.kind, outside.tolist(), strict=True)]
+    node_mask, edge_mask, _ = prune(g.A_NN, g.logit_weights(), kinds, node_threshold,
+                                    edge_threshold)
+    node_mask &= ~outside | edge_mask.any(0) | edge_mask.any(1)
+    return node_mask, edge_mask & node_mask[:, None] & node_mask[None, :]
 
 
 def prompt_record(model, tcs, window, prep: Prepared, partner, corr, settings: dict) -> dict:

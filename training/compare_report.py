@@ -17,7 +17,7 @@ PRIMARY = ("zero", "all")  # the intervention the headline numbers use: kind, sc
 SCALARS = ("early_share", "direct_early_share", "l0_total", "l0_cv", "l0_entropy",
            "l0_late_minus_early", "mean_path_length", "mean_feature_hops", "window_replacement",
            "window_completeness", "replacement", "completeness", "n_features_active",
-           "n_features_pruned", "seconds")
+           "n_features_pruned", "n_features_pruned_all_errors", "seconds")
 VECTORS = ("influence_by_layer", "direct_by_layer", "l0_per_layer")
 LABELS = {
     "early_share": "early-layer share of influence",
@@ -30,7 +30,8 @@ LABELS = {
     "window_completeness": "completeness score (window)",
     "replacement": "replacement score (all MLPs)", "completeness": "completeness (all MLPs)",
     "n_features_active": "active feature nodes", "n_features_pruned": "feature nodes after "
-    "pruning", "seconds": "attribution seconds"}
+    "pruning (window)", "n_features_pruned_all_errors": "feature nodes after pruning (all "
+    "errors ranked)", "seconds": "attribution seconds"}
 
 
 def _mean(values) -> float:
@@ -234,7 +235,9 @@ DEFINITIONS = """## What is measured (`clt_eval.lm.graph_metrics`)
 - **matched-node Jaccard**: PLT features are matched one-to-one to CLT features per layer
   by activation correlation (Hungarian); a PLT node (layer, position, feature) of the pruned
   graph becomes its partner's node if their correlation is ≥ {thr}; Jaccard of the two
-  pruned graphs' feature-node sets.
+  pruned graphs' feature-node sets. Pruning (Ameisen et al. 2025) ranks features and the
+  window's error nodes; the error nodes of MLPs outside the window count as inputs, as in
+  the window scores (ranked too, they leave only a feature or two per graph).
 - **interventions**: zero (or patch) the MLP output of a middle window layer in the real
   model, and the same place in each replacement — the spliced model with error terms frozen at
   their clean values (attention, norms and MLPs outside the window live). `frozen`: only the

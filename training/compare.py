@@ -187,7 +187,9 @@ def graph_summary(g, n_layers: int, n_features: int, first: int, node_threshold:
         **{k: float(v) for k, v in g.scores.items()},
         "n_features_active": int(is_f.sum()), "n_features_pruned": len(nodes),
         "n_features_pruned_all_errors": n_all}
-    return metrics, nodes, (g.subgraph(node_mask, edge_mask), (inf + w)[node_mask])
+    from training.compare_plots import top_features_graph
+
+    return metrics, nodes, top_features_graph(g, inf + w)
 
 
 def window_prune(g, node_threshold: float, edge_threshold: float):

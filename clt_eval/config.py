@@ -17,7 +17,8 @@ PENALTIES = ("l1", "tanh", "l0", "topk", "batchtopk")
 DECODER_NORMS = ("concatenated", "summed", "per_block", "none")
 
 # Which activation each penalty trains through. l1/tanh also work on a JumpReLU, but the
-# plain ReLU is their reference setting (GUIDE §3); l0 needs JumpReLU's learned threshold.
+# plain ReLU is their reference setting (docs/concepts.md §3); l0 needs JumpReLU's learned
+# threshold.
 PENALTY_ACTIVATIONS = {
     "l1": ("relu", "jumprelu"),
     "tanh": ("relu", "jumprelu"),
@@ -27,7 +28,7 @@ PENALTY_ACTIVATIONS = {
 }
 DEFAULT_ACTIVATION = {"l1": "relu", "tanh": "relu", "l0": "jumprelu", "topk": "topk",
                       "batchtopk": "batchtopk"}
-# Penalties that weigh activations by a decoder norm (GUIDE §3); the others take "none".
+# Penalties that weigh activations by a decoder norm (docs/concepts.md §3); the others take "none".
 NORMED_PENALTIES = ("l1", "tanh")
 
 
@@ -75,7 +76,7 @@ class TranscoderConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Sparsity penalty and auxiliary terms of the training loss (GUIDE §3)."""
+    """Sparsity penalty and auxiliary terms of the training loss (docs/concepts.md §3)."""
 
     penalty: str = "l1"
     decoder_norm: str = "concatenated"
@@ -85,8 +86,9 @@ class LossConfig:
     auxk_coef: float = 1 / 32  # AuxK weight for topk/batchtopk (Gao et al. 2024 use 1/32)
     # κ: a mitigation against skipping. Adds λ·κ·Σ_i a_i Σ_{t>s} ‖W_dec,i^{s→t}‖, an extra l1
     # price on cross-layer decoder blocks only. On the toy a shortcut writes y through them
-    # on 4 of 16 inputs at norm 2, i.e. 0.5 per sample, so any κ > 0 makes it costlier than
-    # the best PLT under summed/per-block l1, and κ > 0.48 under concatenated l1 (GUIDE §4).
+    # on 4 of 16 inputs at norm 2, i.e. 0.5 per sample, so any κ > 0 makes it costlier
+    # than the best PLT under summed/per-block l1, and κ > 0.48 under concatenated l1
+    # (docs/concepts.md §4).
     cross_layer_coef: float = 0.0
 
     def __post_init__(self) -> None:

@@ -7,39 +7,62 @@ import math
 import torch
 
 from clt_eval import metrics as M
+from clt_eval.case_study import middle_layers, output_layer, step_at, steps
 from clt_eval.interventions import intervention_cases, projector
 from clt_eval.replacement import collect_mlp_io, run_replacement
 
-# Thresholds for "recovered" (GUIDE §5) and for "skips" (the output is mostly written
+# Thresholds for "recovered" (docs/concepts.md §5) and for "skips" (the output is mostly written
 # through cross-layer decoders).
 CORR_MIN, COS_MIN, SKIP_THRESHOLD = 0.9, 0.9, 0.5
 OFF_DISTRIBUTION_SAMPLES = 512
 
 
-def output_tolerance(true_out: torch.Tensor) -> float:
-    """Half the gap between the two output levels: a prediction closer than this is right."""
+DISCRETE_LEVELS = 16  # an output with at most this many distinct values is a finite table
+
+
+def output_tolerance(true_out: torch.Tensor, case=None) -> float:
+    """Within this distance a predicted output counts as right: the case study's own
+    ``output_tolerance`` if it sets one; for an output with few levels, half the smallest gap
+    between two levels (the nearest level is then the right one); for a continuous output,
+    a tenth of its standard deviation."""
+    explicit = getattr(case, "output_tolerance", None)
+    if explicit is not None:
+        return float(explicit)
     levels = true_out.unique()
-    return float((levels.max() - levels.min()) / 2) if levels.numel() > 1 else 0.5
+    if levels.numel() == 1:
+        return 0.5
+    if levels.numel() <= DISCRETE_LEVELS:
+        return float(levels.diff().min() / 2)
+    return float(0.1 * true_out.std())
 
 
 @torch.no_grad()
-def evaluate(case, tc, model=None) -> list[dict]:
-    """One metrics dict per run of ``tc`` (an ensemble), in run order."""
+def evaluate(case, tc, model=None, graph: bool = True) -> list[dict]:
+    """One metrics dict per run of ``tc`` (an ensemble), in run order.
+
+    Per-layer metrics are lists over model layers (``None`` where a layer has no ground-truth
+    step, or for the skip fraction of layer 0, which has no earlier layer to skip from); the
+    scalars kept from the two-step contract summarise them: ``skip_fraction`` is the output
+    step's value, ``middle_feature_recovery`` the mean over the middle steps.
+    """
     tc.eval()
     model = model if model is not None else case.model()
     inputs = case.inputs()
-    gt_layers = case.ground_truth()
+    gt_layers = steps(case)
     x, y, cache = collect_mlp_io(model, inputs, case.input_hooks, case.output_hooks,
                                  [g.hook for g in gt_layers])
     out = tc(x)
     per_run = _reconstruction(out, y) | _recovery(tc, out, gt_layers, cache)
-    middle = [g.layer for g in gt_layers].index(case.middle_layer)
-    per_run["middle_feature_recovery"] = per_run["recovery_per_layer"][:, middle]
+    per_run |= _per_layer_recovery(case, per_run["recovery_per_layer"], gt_layers)
     per_run |= _skip(case, tc, out, gt_layers)
     mass, share = M.decoder_mass(tc.decoder_block_norms(), out.acts_RBLF)
     per_run["decoder_mass_per_layer"], per_run["cross_layer_share"] = mass, share
-    per_run["output_reads_inputs"] = _reads_inputs(case, tc, out, x, gt_layers)
+    per_run["output_reads_inputs"] = _reads_inputs(case, tc, out, x)
     per_run |= _behaviour(case, model, tc, inputs, cache["output"])
+    if graph:
+        from clt_eval.circuit_graph import circuit_scores
+
+        per_run |= circuit_scores(case, tc, x, out.acts_RBLF, per_run["matches"])
     return [{k: _item(v, r) for k, v in per_run.items()} for r in range(tc.n_runs)]
 
 
@@ -80,18 +103,38 @@ def _recovery(tc, out, gt_layers, cache) -> dict:
     return {"recovery_per_layer": per_layer, "matches": matches}
 
 
+def _per_layer_recovery(case, rec_RJ: torch.Tensor, gt_layers) -> dict:
+    """Recovery per model layer ([R, L], NaN off the steps) and its mean over middle steps."""
+    R, L = rec_RJ.shape[0], case.n_layers
+    per_layer = torch.full((R, L), float("nan"))
+    for j, g in enumerate(gt_layers):
+        per_layer[:, g.layer] = rec_RJ[:, j]
+    middle = per_layer[:, middle_layers(case)]
+    return {"middle_feature_recovery_per_layer": per_layer,
+            "middle_feature_recovery": middle.mean(-1)}
+
+
 def _skip(case, tc, out, gt_layers) -> dict:
-    gt_c = next(g for g in gt_layers if g.layer == case.output_layer)
-    contrib = tc.contributions(out.acts_RBLF)[:, :, :, case.output_layer]  # [R,B,S,D]
-    frac = M.skip_fraction(contrib, gt_c.directions_GD[0], case.output_layer)
-    return {"skip_fraction": frac, "skips": (frac > SKIP_THRESHOLD).float()}
+    """Skip fraction at every step layer t ≥ 1 ([R, L], NaN elsewhere); the output's value
+    is the headline ``skip_fraction``."""
+    R, L = tc.n_runs, case.n_layers
+    contrib = tc.contributions(out.acts_RBLF)  # [R, B, S, T, D]
+    per_layer = torch.full((R, L), float("nan"))
+    for g in gt_layers:
+        if g.layer >= 1:
+            per_layer[:, g.layer] = M.skip_fraction(contrib[:, :, :, g.layer],
+                                                    g.directions_GD, g.layer)
+    frac = per_layer[:, output_layer(case)]
+    return {"skip_fraction": frac, "skips": (frac > SKIP_THRESHOLD).float(),
+            "skip_fraction_per_layer": per_layer}
 
 
-def _reads_inputs(case, tc, out, x, gt_layers) -> list[float]:
-    """Per run: share of the output layer's feature inputs that comes from A, not B."""
-    b_dirs = next(g for g in gt_layers if g.layer == case.middle_layer).directions_GD
+def _reads_inputs(case, tc, out, x) -> list[float]:
+    """Per run: share of the output layer's feature inputs that comes from the inputs A rather
+    than from the step just before the output."""
+    b_dirs = step_at(case, middle_layers(case)[-1]).directions_GD
     P_a, P_b = projector(case.input_directions()), projector(b_dirs)
-    layer = case.output_layer
+    layer = output_layer(case)
     return [M.read_share(x[:, layer], tc.W_enc[r, layer], out.acts_RBLF[r, :, layer], P_a, P_b)
             for r in range(tc.n_runs)]
 
@@ -100,7 +143,7 @@ def _behaviour(case, model, tc, inputs, true_final) -> dict:
     """Replacement-model accuracy, interventions, and agreement off the training inputs."""
     hooks = (case.input_hooks, case.output_hooks)
     true_out = case.output_value(true_final)
-    tol = output_tolerance(true_out)
+    tol = output_tolerance(true_out, case)
     repl, _, _ = run_replacement(model, tc, inputs, *hooks)
     res = {"output_accuracy": M.output_accuracy(case.output_value(repl), true_out, tol)}
     cases = intervention_cases(case, model, tc, inputs)

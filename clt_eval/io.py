@@ -1,10 +1,11 @@
 """Save and load a single transcoder as a folder: ``config.json`` plus ``weights.safetensors``.
 
-safetensors plus JSON, never pickle (GUIDE §8.9): a weights file cannot run code when loaded.
+safetensors plus JSON, never pickle (docs/concepts.md §8.9): a weights file cannot run code when
+loaded.
 Saving is atomic: everything is written into a temporary sibling folder and renamed into place,
 so a crash or a bad input never leaves a half-written transcoder behind. Loading checks every
 field and tensor against the config and fails with one line naming the file and what was
-expected (GUIDE §8.10).
+expected (docs/concepts.md §8.10).
 
 Tensors on disk carry no run dim: ``W_enc`` [L,D,F], ``b_enc`` [L,F], ``W_dec`` [L,L,F,D],
 ``b_dec`` [L,D], and when the config asks for them ``W_skip`` [L,D,D], ``log_threshold`` [L,F]

@@ -1,4 +1,4 @@
-"""Training loss: reconstruction + sparsity penalty (GUIDE §3) + auxiliary terms.
+"""Training loss: reconstruction + sparsity penalty (docs/concepts.md §3) + auxiliary terms.
 
 Everything returns one value per run ([R]) so an ensemble of runs trains as one model: the
 sum over runs has independent gradients for each run, and Adam is elementwise, so training

@@ -1,4 +1,4 @@
-"""Faithfulness and reconstruction metrics (GUIDE §5) as pure functions of tensors.
+"""Faithfulness and reconstruction metrics (docs/concepts.md §5) as pure functions of tensors.
 
 Shapes: R runs, B samples, L layers, F transcoder features, G ground-truth features,
 D d_model. Every number in a report comes from one of these.
@@ -68,16 +68,26 @@ def recovery_fraction(match: dict) -> float:
     return float(np.mean(match["recovered"])) if match["recovered"] else float("nan")
 
 
-def skip_fraction(contrib_RBSD: torch.Tensor, direction_D: torch.Tensor, target_layer: int):
-    """Share of the output written by earlier layers' features through cross-layer decoders.
+def span_basis(dirs_GD: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis [D, K] of the span of the rows (K = their rank: features in
+    superposition can outnumber the dimensions they share)."""
+    dirs = dirs_GD.reshape(-1, dirs_GD.shape[-1]).float()
+    U, S, _ = torch.linalg.svd(dirs.T, full_matrices=False)
+    return U[:, S > rtol * S.max().clamp_min(1e-30)]
 
-    ``contrib_RBSD`` is what each source layer s writes to ``target_layer`` (b_dec excluded).
-    Each source's share is Σ_b |⟨c_s, u⟩| along the output's unit direction u; the skip
-    fraction is the share of sources s < target_layer. 0 = faithful, 1 = fully skipped; NaN
-    when nothing is written at all. Returns [R].
+
+def skip_fraction(contrib_RBSD: torch.Tensor, dirs_GD: torch.Tensor, target_layer: int):
+    """Share of a step's output written by earlier layers' features through cross-layer
+    decoders.
+
+    ``contrib_RBSD`` is what each source layer s writes to ``target_layer`` (b_dec excluded);
+    ``dirs_GD`` the step's ground-truth output directions (one row, or several). Each source's
+    mass is Σ_b ‖P c_s‖, the norm of its write projected on the span of those directions (for
+    one direction u: Σ_b |⟨c_s, u⟩|); the skip fraction is the share of sources s <
+    target_layer. 0 = faithful, 1 = fully skipped; NaN when nothing is written. Returns [R].
     """
-    u = direction_D / direction_D.norm()
-    mass_RS = (contrib_RBSD @ u).abs().sum(1)
+    Q = span_basis(dirs_GD).to(contrib_RBSD.dtype)
+    mass_RS = (contrib_RBSD @ Q).norm(dim=-1).sum(1)
     early = mass_RS[:, :target_layer].sum(-1)
     total = mass_RS[:, : target_layer + 1].sum(-1)
     return torch.where(total > 1e-9, early / total.clamp_min(1e-9), torch.full_like(total, np.nan))

@@ -3,7 +3,7 @@
 A ``Transcoder`` holds an *ensemble* of R runs that share shapes and activation; a single
 transcoder is an ensemble of one. PLT and CLT differ only in which decoder blocks s→ℓ exist:
 the structural mask ``decoder_mask_RST`` is the identity for a PLT and upper-triangular
-(ℓ ≥ s) for a CLT (GUIDE §2). Nothing else in the library needs to know which is which.
+(ℓ ≥ s) for a CLT (docs/concepts.md §2). Nothing else in the library needs to know which is which.
 
 Shapes: R runs, B samples, L layers (S source, T target), F features per layer, D d_model.
 """

@@ -6,7 +6,7 @@ once per test session.
 
 import os
 
-# Without this a Hugging Face hub lookup retries for ~25 s before failing (GUIDE §7).
+# Without this a Hugging Face hub lookup retries for ~25 s before failing (docs/concepts.md §7).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 

@@ -1,4 +1,4 @@
-"""Matched-L0 selection and summaries, and the read-share metric, on hand-made records."""
+"""Summaries over seeds, and the read-share metric, on hand-made values."""
 
 from __future__ import annotations
 
@@ -7,43 +7,7 @@ import math
 import torch
 
 from clt_eval.metrics import read_share
-from training.analysis import matched_pair, matched_table, summarize
-
-
-def _rec(arch, lam, seed, l0, nmse=0.0, skip=0.0):
-    return {"arch": arch, "penalty": "tanh", "decoder_norm": "concatenated",
-            "sparsity_coef": lam, "k": None, "seed": seed,
-            "metrics": {"l0_total": l0, "nmse": nmse, "skip_fraction": skip, "skips": skip > 0.5,
-                        "middle_feature_recovery": 1.0, "intervention_agreement": 1.0,
-                        "output_accuracy": 1.0, "offdist_mae": 0.0, "sparsity_cost": 1.0,
-                        "output_reads_inputs": 0.0}}
-
-
-def test_matched_pair_picks_closest_l0_among_good_reconstructions():
-    runs = {"plt": {0.1: [_rec("plt", 0.1, 0, 2.0)], 0.3: [_rec("plt", 0.3, 0, 1.5)]},
-            "clt": {0.1: [_rec("clt", 0.1, 0, 1.5)],
-                    0.3: [_rec("clt", 0.3, 0, 1.0, nmse=0.5)]}}  # too lossy to compare
-    assert matched_pair(runs) == (0.3, 0.1)
-
-
-def test_matched_pair_breaks_ties_toward_sparser_pair():
-    runs = {"plt": {1: [_rec("plt", 1, 0, 1.0)], 2: [_rec("plt", 2, 0, 2.0)]},
-            "clt": {1: [_rec("clt", 1, 0, 1.0)], 2: [_rec("clt", 2, 0, 2.0)]}}
-    assert matched_pair(runs) == (1, 1)
-
-
-def test_matched_table_reports_note_when_nothing_reconstructs():
-    recs = [_rec("plt", 0.1, 0, 1.0, nmse=0.9), _rec("clt", 0.1, 0, 1.0, nmse=0.9)]
-    (row,) = matched_table(recs)
-    assert row["arch"] is None and "NMSE" in row["note"]
-
-
-def test_matched_table_summarises_over_seeds():
-    recs = [_rec(a, 0.1, s, 1.0, skip=v) for a in ("plt", "clt")
-            for s, v in enumerate((0.0, 1.0, 1.0))]
-    rows = {r["arch"]: r for r in matched_table(recs)}
-    assert rows["clt"]["skips"]["mean"] == 2 / 3
-    assert rows["clt"]["n_seeds"] == 3
+from training.analysis import summarize
 
 
 def test_summarize_skips_undefined_values():

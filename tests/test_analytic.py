@@ -1,4 +1,5 @@
-"""Hand-built exact decompositions of the toy: their costs (GUIDE §4) and their evaluation.
+"""Hand-built exact decompositions of the toy: their costs (docs/concepts.md §4) and their
+evaluation.
 
 The expected costs are derived here by hand, independently of ``clt_eval.costs``:
 
@@ -100,7 +101,7 @@ def test_tanh_costs(decomps, x_BLD):
 
 
 def test_penalties_rank_the_shortcut_cheapest(decomps, x_BLD):
-    """The claim the toy exists to make: sparsity prefers the shortcut (GUIDE §1, §4)."""
+    """The claim the toy exists to make: sparsity prefers the shortcut (docs/concepts.md §1, §4)."""
     c = {n: sparsity_costs(decomps[n], x_BLD) for n in ("faithful", "best_plt", "clt_shortcut")}
     for key in ("l1/concatenated", "l0"):
         assert c["clt_shortcut"][key] < c["best_plt"][key] < c["faithful"][key], key

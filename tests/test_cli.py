@@ -105,7 +105,10 @@ def test_reproduce_quick_end_to_end(tmp_path, capsys):
     assert analytic["faithful"]["costs"]["l1/concatenated"] == pytest.approx(1.5)
     report = (out / "report.md").read_text()
     assert "matched L0" in report and "Analytic sparsity costs" in report
-    assert (out / "skip_fraction.png").stat().st_size > 1000
+    assert "Attribution graphs against the true circuit" in report
+    for png in ("phase_l0.png", "circuit.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "PLT skip" in capsys.readouterr().out  # the headline, printed
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
     # Re-evaluating a saved transcoder reproduces the metrics recorded at training time.
     rid = runs[0]["run_id"]

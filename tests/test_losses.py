@@ -1,4 +1,4 @@
-"""Training loss pieces (GUIDE §3) on hand-computed values."""
+"""Training loss pieces (docs/concepts.md §3) on hand-computed values."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Every metric of clt_eval/metrics.py on small hand-computed cases (GUIDE §5)."""
+"""Every metric of clt_eval/metrics.py on small hand-computed cases (docs/concepts.md §5)."""
 
 import math
 

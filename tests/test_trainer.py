@@ -91,7 +91,18 @@ def test_train_and_reproduce_configs_validate():
         TrainConfig(lr=float("nan"))
     with pytest.raises(CltEvalError, match="wandb_mode"):
         ReproduceConfig(wandb_mode="sometimes")
-    assert ReproduceConfig(quick=True).effective().seeds == 2
+    with pytest.raises(CltEvalError, match="seeds"):
+        ReproduceConfig(seeds=0)
+
+
+def test_reproduce_spec_applies_overrides():
+    from training.reproduce import reproduce_spec
+
+    spec = reproduce_spec(ReproduceConfig(seeds=3, n_features=8, steps=50), "boolean_chain@k=3")
+    assert spec.case_study == "boolean_chain@k=3" and spec.train.steps == 50
+    assert spec.matched_l0.seeds == 3 and spec.matched_l0.n_features == 8
+    assert {r.n_features for r in spec.runs()} == {8}
+    assert spec.matched_l0.per_middle_step
 
 
 def test_run_ids_are_unique_across_non_default_fields():

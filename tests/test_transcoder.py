@@ -1,4 +1,5 @@
-"""One transcoder interface for PLTs and CLTs (GUIDE §2): structure, activations, ensembles."""
+"""One transcoder interface for PLTs and CLTs (docs/concepts.md §2): structure, activations,
+ensembles."""
 
 import dataclasses
 

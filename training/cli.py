@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clt-eval", description="Train or load per-layer and "
                                 "cross-layer transcoders and measure their faithfulness.")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reproduce", help="PLT vs CLT on the Boolean two-step toy (main job)")
+    r = sub.add_parser("reproduce", help="PLT vs CLT at matched L0 on a case study (main job; "
+                       "default: the Boolean two-step toy)")
     add_dataclass_options(r, ReproduceConfig)
     t = sub.add_parser("train", help="train a grid of runs on a case study")
     t.add_argument("--case-study", default="boolean_two_step")
@@ -57,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
     e.add_argument("run_dir", help="a transcoder folder, or a folder holding transcoders/")
-    sub.add_parser("case-studies", help="list registered case studies")
+    cs = sub.add_parser("case-studies", help="list case studies (built-in and installed "
+                        "plugins), or scaffold a new one: case-studies new NAME --out DIR")
+    cs.add_argument("action", nargs="?", default="list", choices=("list", "new"))
+    cs.add_argument("name", nargs="?", help="with new: the case study's name (a Python "
+                    "identifier)")
+    cs.add_argument("--out", help="with new: the folder to write the package into")
     c = sub.add_parser("convert", help="convert a transcoder folder between on-disk formats")
     c.add_argument("src", help="a clt-eval, circuit-tracer (CLT or per-layer) or sae_lens folder")
     c.add_argument("dst", help="folder to write; replaced only if empty or a transcoder folder")
@@ -78,6 +84,8 @@ def _add_sweep_parser(sub) -> None:
     s.add_argument("spec", nargs="?", default=None,
                    help="a TOML, YAML or JSON sweep spec (default: the packaged default spec)")
     s.add_argument("--out", default="runs/sweep", help="output folder; rerun to resume")
+    s.add_argument("--case-study", default=None, help="replaces the spec's case study: a "
+                   "registered name or module.path:Factory")
     s.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
     s.add_argument("--no-save-transcoders", action="store_true",
                    help="keep only metrics (feature tracking needs the transcoders)")
@@ -157,9 +165,15 @@ def main(argv: list[str] | None = None) -> int:
 def _reproduce(args) -> int:
     from training.reproduce import reproduce
 
+    from training.reproduce import format_headline
+
     cfg = ReproduceConfig(**_values(args, ReproduceConfig))
     result = reproduce(cfg)
-    print(f"wrote {result['report']}")
+    for name, rows in (result["headline"].items() if cfg.all else
+                       [(cfg.case_study, result["headline"])]):
+        print(f"\n{name}: share of seeds that skip at matched total L0, PLT vs CLT\n"
+              + format_headline(rows))
+    print(f"\nwrote {result['report']}")
     return 0
 
 
@@ -210,6 +224,8 @@ def _sweep(args) -> int:
         data = data | {"grid": [block | {"label": "command line"}]}
     if args.steps is not None:
         data = data | {"train": data.get("train", {}) | {"steps": args.steps}}
+    if args.case_study is not None:
+        data = data | {"case_study": args.case_study}
     try:
         spec = parse_spec(data, source=str(path))
     except CltEvalError as exc:
@@ -260,11 +276,19 @@ def _evaluate(args) -> int:
 
 
 def _case_studies(args) -> int:
-    import case_studies  # noqa: F401
-    from clt_eval.case_study import case_study_names
+    from clt_eval.case_study import case_study_names, case_study_targets
 
+    if args.action == "new":
+        from training.scaffold import scaffold
+
+        if not args.name or not args.out:
+            raise CltEvalError("case-studies new: expected NAME and --out DIR")
+        path = scaffold(args.name, Path(args.out))
+        print(f"wrote {path}; install it with: pip install -e {path}")
+        return 0
+    targets = case_study_targets()
     for name, desc in case_study_names().items():
-        print(f"{name}\t{desc}")
+        print(f"{name:<24}{desc}  [{targets[name]}]")
     return 0
 
 

@@ -1,7 +1,7 @@
 """`clt-eval compare`: a PLT and a CLT on the same language model, window and prompts.
 
 For every prompt both transcoders get an attribution graph of the model's answer (its own top
-prediction unless the prompt names a target), and from each graph the proxies of GUIDE §5
+prediction unless the prompt names a target), and from each graph the proxies of docs/concepts.md §5
 (``clt_eval.lm.graph_metrics``): the share of the answer's attribution from early-layer
 features, L0 per layer and its spread, the mean path length, replacement and completeness
 scores. The two pruned graphs are compared node by node after matching PLT to CLT features by

@@ -1,6 +1,7 @@
 """Interventions at middle window layers: the real model against each replacement model.
 
-The intervention (GUIDE §5, "interventional faithfulness"): at model layer ``layers[m]``, set
+The intervention (docs/concepts.md §5, "interventional faithfulness"): at model layer
+``layers[m]``, set
 the MLP output at the chosen positions to zero (``zero``) or to its value on another prompt of
 the same length (``patch``), and record the change of the answer token's log-prob (and of its
 logit minus the mean logit) at the last position.

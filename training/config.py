@@ -97,23 +97,22 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 @dataclass(frozen=True)
 class ReproduceConfig:
+    """`clt-eval reproduce`: the packaged headline spec on one case study, or all of them.
+    ``seeds``, ``n_features`` and ``steps`` override the spec (None: the spec's own)."""
+
     case_study: str = "boolean_two_step"
     out: str = "runs/reproduce"
-    seeds: int = 10
-    n_features: int = 16
-    steps: int = 3000
-    quick: bool = False  # a seconds-long smoke run: 2 settings, 2 seeds, 200 steps
+    seeds: int | None = None
+    n_features: int | None = None
+    steps: int | None = None
+    quick: bool = False  # a seconds-long smoke run of the same engine
+    all: bool = False  # every registered case study, each into out/<name>, plus a summary
     wandb_mode: str = "offline"
     save_transcoders: bool = True
 
     def __post_init__(self) -> None:
         check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
-        require(isinstance(self.seeds, int) and self.seeds > 0, "seeds: expected an integer > 0")
-        require(isinstance(self.n_features, int) and self.n_features > 0,
-                "n_features: expected an integer > 0")
-        require(isinstance(self.steps, int) and self.steps > 0, "steps: expected an integer > 0")
-
-    def effective(self) -> ReproduceConfig:
-        """The config actually run: --quick caps seeds and steps."""
-        return replace(self, seeds=min(self.seeds, 2), steps=min(self.steps, 200)) \
-            if self.quick else self
+        for name in ("seeds", "n_features", "steps"):
+            v = getattr(self, name)
+            require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                    f"{name}={v!r}: expected an integer > 0")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clt_eval.case_study import case_study_spec
 from clt_eval.costs import cost_key, sparsity_costs
 from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
@@ -105,7 +106,7 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
 
     ids = [run_id(s) for s in group]
     logger.start(f"{group[0].resolved_activation}-{ids[0]}",
-                 {"case_study": case.name, "train": train_cfg.__dict__,
+                 {"case_study": case_study_spec(case), "train": train_cfg.__dict__,
                   "runs": {i: s.to_dict() for i, s in zip(ids, group, strict=True)}})
     try:
         res = train_group(case, model, group, train_cfg, data, logger.ensemble_logger(ids), bar,
@@ -118,7 +119,7 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
     if save:
         for i, (spec, rid) in enumerate(zip(group, ids, strict=True)):
             save_transcoder(res.transcoder.select([i]), out / "transcoders" / rid,
-                            extra={"case_study": case.name, "run": spec.to_dict()})
+                            extra={"case_study": case_study_spec(case), "run": spec.to_dict()})
     return res.records
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from clt_eval.transcoder import Transcoder
 
 # torch and everything built on it is imported inside the functions: the CLI imports this
-# module for LMDataConfig, and `clt-eval --help` must stay fast (GUIDE §7).
+# module for LMDataConfig, and `clt-eval --help` must stay fast (docs/concepts.md §7).
 
 # TrainConfig.batch_size = 0 means "the whole data set" for the toy; a language model's data
 # set does not fit one step, so 0 means this many tokens per step here.
@@ -136,7 +136,7 @@ def layer_scales(batches: list, d_model: int):
     norms of 30-40 instead (measured), and training on them raw needs many more steps. One
     scalar per layer also stops the layer with the largest outputs from dominating the loss.
     Scalars, not per-dimension standardisation, so no dimension is ever divided by a
-    near-zero std (GUIDE §4); a layer that is all zeros keeps the scale 1.
+    near-zero std (docs/concepts.md §4); a layer that is all zeros keeps the scale 1.
     """
     import torch
 

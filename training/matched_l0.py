@@ -1,6 +1,7 @@
 """Matched-L0 search: the λ at which a setting reaches a requested total L0 per sample.
 
-The same λ gives PLT and CLT different sparsity (GUIDE §3), so they are compared where they
+The same λ gives PLT and CLT different sparsity (docs/concepts.md §3), so they are compared where
+they
 reach the same L0. L0 falls as λ grows, so the λ for a target is found by bisection in
 log λ inside the pair of neighbouring grid points that brackets the target; each bisection
 point trains a few seeds (all brackets at once, as one ensemble) and uses their mean L0.
@@ -78,7 +79,8 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
     the λ found with ``seeds`` seeds. TopK/BatchTopK fix L0 by k instead: the grid's k
     whose mean L0 is closest to the target is used. Returns a JSON-ready summary."""
     m = spec.matched_l0
-    out, keys, brackets = _plan(_grid_curves(grid_records, m.n_features), m.targets)
+    targets = scaled_targets(m, runner.case)
+    out, keys, brackets = _plan(_grid_curves(grid_records, m.n_features), targets)
 
     def mean_l0(lams: list[float]) -> list[float]:
         specs = [[_with(base, arch, lam, s) for s in range(m.bisect_seeds)]
@@ -96,7 +98,15 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
         out.append(entry | {"status": "found", "lambda": lam, "bisection_l0": l0,
                             "tried": [list(p) for p in b.tried]})
     _train_finals(runner, [e for e in out if e["status"] == "found"], m.seeds)
-    return {"targets": list(m.targets), "n_features": m.n_features, "points": out}
+    return {"targets": targets, "n_features": m.n_features, "points": out}
+
+
+def scaled_targets(m, case) -> list[float]:
+    """The total-L0 targets: as given, or per middle step of the case study's chain."""
+    from clt_eval.case_study import middle_layers
+
+    scale = len(middle_layers(case)) if m.per_middle_step else 1
+    return [float(t) * scale for t in m.targets]
 
 
 def _plan(curves: dict, targets) -> tuple[list, list, list]:

@@ -1,112 +1,126 @@
-"""`clt-eval reproduce`: PLT vs CLT on the Boolean two-step toy, at matched L0, over seeds.
+"""`clt-eval reproduce`: the headline experiment, run by the sweep engine.
 
-Trains every (penalty × decoder norm) setting on a small grid of sparsity settings for both
-architectures and ≥ 10 seeds, evaluates each run's faithfulness, prices the hand-built exact
-decompositions under every penalty, and writes results.json, analytic_costs.json, the
-transcoders, report.md and plots under ``out``.
+For one case study (or ``--all`` of them), the packaged spec ``specs/reproduce.toml`` trains
+PLT and CLT under every penalty × decoder norm on a bracketing grid, finds by bisection the λ
+at which each reaches the target total L0s (per middle step of the chain), trains that λ with
+≥ 10 seeds and reports the share of seeds that skip, PLT vs CLT, with the sweep's tests.
+The report is the sweep's report (one writer for both jobs), plus the analytic costs of the
+case study's hand-built exact decompositions when it has them.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
-import torch
+from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
+from clt_eval.case_study import case_study_targets, load_case_study
+from training.config import ReproduceConfig
 
-from clt_eval.atomic import write_json_atomic
-from clt_eval.case_study import load_case_study
-from training.config import ReproduceConfig, RunSpec, TrainConfig
-from training.experiment import case_data, flat_record, group_specs, run_id, train_log_save
-from training.wandb_logger import WandbLogger
+SPECS = Path(__file__).parent / "specs"
 
 
-@dataclass(frozen=True)
-class GridEntry:
-    """One reported setting: a penalty with its decoder norm (and optionally an activation
-    and width other than the defaults), trained at each sparsity knob for PLT and CLT."""
+def reproduce_spec(cfg: ReproduceConfig, case_study: str):
+    """The packaged spec with this config's overrides (case study, steps, seeds, width)."""
+    from training.sweep_spec import load_spec
 
-    label: str
-    penalty: str
-    decoder_norm: str
-    knobs: tuple[float, ...]  # λ, or the joint TopK/BatchTopK budget k per sample
-    activation: str | None = None
-    n_features: int | None = None
-
-
-# Knobs bracket the faithful L0 of 1.25 (GUIDE §4).
-LAMBDAS = (0.03, 0.1, 0.3)
-DEFAULT_GRID = (
-    *[GridEntry(f"{p}/{n}", p, n, LAMBDAS) for p in ("l1", "tanh")
-      for n in ("concatenated", "summed", "per_block")],
-    GridEntry("l0", "l0", "none", (0.01, 0.03, 0.1)),
-    GridEntry("topk", "topk", "none", (1, 2, 3)),
-    GridEntry("batchtopk", "batchtopk", "none", (1, 2)),
-    # The setting closest to Anthropic's CLTs and to the post that reported skipping on this
-    # toy (Lange et al. 2026): tanh penalty on a JumpReLU, concatenated norm, 32 features.
-    GridEntry("tanh/concatenated +jumprelu w32", "tanh", "concatenated", (0.018, 0.05, 0.1),
-              activation="jumprelu", n_features=32),
-)
-QUICK_GRID = (GridEntry("tanh/concatenated", "tanh", "concatenated", (0.1,)),
-              GridEntry("topk", "topk", "none", (2,)))
-
-
-def build_specs(cfg: ReproduceConfig) -> list[tuple[str, RunSpec]]:
-    """(setting label, run) for every run of the grid."""
-    out = []
-    for e in QUICK_GRID if cfg.quick else DEFAULT_GRID:
-        budget = e.penalty in ("topk", "batchtopk")
-        for arch in ("plt", "clt"):
-            for kn in e.knobs:
-                out += [(e.label, RunSpec(arch=arch, penalty=e.penalty, decoder_norm=e.decoder_norm,
-                                          sparsity_coef=0.0 if budget else float(kn),
-                                          k=int(kn) if budget else None, seed=seed,
-                                          activation=e.activation,
-                                          n_features=e.n_features or cfg.n_features))
-                        for seed in range(cfg.seeds)]
-    return out
+    spec = load_spec(SPECS / ("reproduce_quick.toml" if cfg.quick else "reproduce.toml"))
+    train = spec.train if cfg.steps is None else dataclasses.replace(spec.train, steps=cfg.steps)
+    matched = spec.matched_l0
+    if cfg.seeds is not None:
+        matched = dataclasses.replace(matched, seeds=cfg.seeds)
+    grids = spec.grids
+    if cfg.n_features is not None:
+        matched = dataclasses.replace(matched, n_features=cfg.n_features)
+        grids = tuple(dataclasses.replace(g, values=g.values | {"n_features": (cfg.n_features,)})
+                      for g in grids)
+    return dataclasses.replace(spec, case_study=case_study, train=train, matched_l0=matched,
+                               grids=grids)
 
 
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> dict:
-    """Run the whole job; returns {"results": [...], "analytic": {...}, "report": path}."""
-    from tqdm.auto import tqdm
-
-    import case_studies  # noqa: F401  (registers the built-in case studies)
-    from training.report import analytic_costs, write_report
-
-    cfg = cfg.effective()
-    torch.set_num_threads(2)  # the target machine; more threads only add overhead here
-    case = load_case_study(cfg.case_study)
-    out = Path(cfg.out)
-    model = case.model()
-    data = case_data(case, model)
-    labelled = build_specs(cfg)
-    specs = [spec for _, spec in labelled]
-    labels = {run_id(spec): label for label, spec in labelled}
-    train_cfg = TrainConfig(steps=cfg.steps)
-    logger = WandbLogger(cfg.wandb_mode, group=f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}",
-                         root=out)
-    records, started = [], time.time()
-    groups = group_specs(specs)
-    with tqdm(total=len(groups) * train_cfg.steps, desc=f"training {len(specs)} runs",
-              unit="step", disable=not progress) as bar:
-        for group in groups:
-            records += train_log_save(case, model, group, train_cfg, data, logger, bar, out,
-                                      save=cfg.save_transcoders)
-    for rec in records:
-        rec["setting"] = labels[rec["run_id"]]
-    analytic = analytic_costs(case, data[0])
-    write_json_atomic(out / "results.json", {"config": cfg.__dict__, "runs": records,
-                                              "train_seconds": time.time() - started})
-    write_json_atomic(out / "analytic_costs.json", analytic)
-    report, plots = write_report(out, records, analytic, cfg)
-    _log_summary(logger, records, plots, cfg)
-    return {"results": records, "analytic": analytic, "report": report}
+    """Run the job; returns {"report": path, "headline": {case study: rows}, ...}."""
+    names = list(case_study_targets()) if cfg.all else [cfg.case_study]
+    for name in names:  # every case study checked before anything is trained or written
+        load_case_study(name, validate=True)
+    root = Path(cfg.out)
+    results = {}
+    for name in names:
+        out = root / _folder(name) if cfg.all else root
+        results[name] = _one(cfg, name, out, progress)
+    if not cfg.all:
+        return results[names[0]]
+    report = _cross_summary(root, results)
+    return {"report": report, "headline": {n: r["headline"] for n, r in results.items()}}
 
 
-def _log_summary(logger, records, plots, cfg) -> None:
-    logger.start("report", {"case_study": cfg.case_study, "n_runs": len(records)},
-                 job_type="report")
-    logger.table("all_runs", [flat_record(r) for r in records])
-    logger.images(plots)
-    logger.finish()
+def _one(cfg: ReproduceConfig, name: str, out: Path, progress: bool) -> dict:
+    from training.sweep import run_sweep
+
+    spec = reproduce_spec(cfg, name)
+    res = run_sweep(spec, out, cfg.wandb_mode, progress=progress,
+                    save_transcoders=cfg.save_transcoders)
+    records = list(res["store"].records.values())
+    write_json_atomic(out / "results.json", {"config": dataclasses.asdict(cfg) | {"case_study":
+                                             name}, "runs": nan_to_none(records)})
+    if res["analytic"]:
+        write_json_atomic(out / "analytic_costs.json", res["analytic"])
+    return {"report": res["report"], "headline": headline(res["summary"])}
+
+
+def headline(summary: dict) -> list[dict]:
+    """Share of seeds that skip, PLT vs CLT, at each matched target: the paper's headline."""
+    rows = []
+    for v in summary.get("plt_vs_clt", []):
+        rows.append({"setting": v["setting"], "target_l0": v["target"],
+                     "plt_skip_share": v["a_summary"].get("skips"),
+                     "clt_skip_share": v["b_summary"].get("skips"),
+                     "fisher_p": v["skip_p_fisher"],
+                     "plt_recall": v["a_summary"].get("circuit_edge_recall"),
+                     "clt_recall": v["b_summary"].get("circuit_edge_recall")})
+    return rows
+
+
+def format_headline(rows: list[dict]) -> str:
+    """The headline as a fixed-width text table for the terminal."""
+    def f(v):
+        return "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    head = f"{'setting':<24}{'L0':>6}{'PLT skip':>10}{'CLT skip':>10}{'Fisher p':>10}"
+    lines = [head] + [f"{r['setting']:<24}{r['target_l0']:>6g}{f(r['plt_skip_share']):>10}"
+                      f"{f(r['clt_skip_share']):>10}{f(r['fisher_p']):>10}" for r in rows]
+    return "\n".join(lines)
+
+
+def _folder(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _cross_summary(root: Path, results: dict) -> Path:
+    """summary.md and summary.json across case studies: per case study, how many matched
+    (setting, target) points have more CLT than PLT seeds skipping."""
+    rows, lines = [], []
+    for name, res in results.items():
+        h = res["headline"]
+        more = [r for r in h if (r["clt_skip_share"] or 0) > (r["plt_skip_share"] or 0)]
+        sig = [r for r in h if (r["fisher_p"] if r["fisher_p"] is not None else 1) < 0.05]
+        mean_clt = _mean([r["clt_skip_share"] for r in h])
+        rows.append({"case_study": name, "points": len(h), "clt_skips_more": len(more),
+                     "fisher_p_below_0.05": len(sig), "mean_clt_skip_share": mean_clt,
+                     "report": str(res["report"].relative_to(root))})
+        lines.append(f"| {name} | {len(h)} | {len(more)} | {len(sig)} | "
+                     f"{'–' if mean_clt is None else f'{mean_clt:.2f}'} | "
+                     f"[report]({rows[-1]['report']}) |")
+    write_json_atomic(root / "summary.json", {"case_studies": rows})
+    text = ("# clt-eval reproduce --all\n\nFor each case study, the matched (setting, target "
+            "L0) points where PLT and CLT were both found; how many have more CLT seeds than "
+            "PLT seeds skipping, how many of those differ by Fisher's exact test (p < 0.05), "
+            "and the mean share of CLT seeds that skip.\n\n"
+            "| case study | points | CLT skips more | Fisher p < 0.05 | mean CLT skip share "
+            "| report |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    return write_text_atomic(root / "summary.md", text)
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None

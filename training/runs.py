@@ -19,9 +19,8 @@ def train_grid(case_name: str, specs: list[RunSpec], train_cfg: TrainConfig, out
                wandb_mode: str) -> Path:
     from tqdm.auto import tqdm
 
-    import case_studies  # noqa: F401
     check_unique(specs)
-    case = load_case_study(case_name)  # fails before anything is written
+    case = load_case_study(case_name, validate=True)  # fails before anything is written
     model = case.model()
     data = case_data(case, model)
     logger = WandbLogger(wandb_mode, group=f"train-{out.name}", root=out)
@@ -48,7 +47,6 @@ def evaluate_dir(run_dir: Path) -> dict[str, dict]:
     Everything is loaded and checked before anything is written, and transcoders of one case
     study with compatible shapes are stacked into one ensemble, evaluated in one pass.
     """
-    import case_studies  # noqa: F401
     from clt_eval.io import load_extra, load_transcoder
 
     if not run_dir.exists():
@@ -60,7 +58,8 @@ def evaluate_dir(run_dir: Path) -> dict[str, dict]:
             raise CltEvalError(f"{d}/config.json: field 'extra.case_study' missing; expected the "
                                "name of the case study the transcoder was trained on")
         groups[(name, json.dumps(shared_fields(tc.cfg), sort_keys=True))].append((d, tc))
-    cases = {name: load_case_study(name) for name, _ in groups}  # unknown names fail here
+    # Unknown names and broken plugins fail here, before anything is written.
+    cases = {name: load_case_study(name, validate=True) for name, _ in groups}
     results = {}
     for (name, _), members in groups.items():
         results |= _evaluate_group(cases[name], members)

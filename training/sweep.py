@@ -131,15 +131,15 @@ def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress:
     """Train, search, analyse and report; returns {"sweep": path, "report": path, ...}."""
     import torch
 
-    import case_studies  # noqa: F401  (registers the built-in case studies)
     from training.matched_l0 import matched_l0_search
+    from training.report import analytic_costs
     from training.sweep_report import write_sweep_report
 
     # The toy's tensors are small (at most a few 100k elements per op), so a second thread
     # costs more in synchronisation than it saves; with the other core busy it was 14x
     # slower on a 30-run ensemble (122 vs 8.9 ms/step).
     torch.set_num_threads(1)
-    load_case_study(spec.case_study)  # an unknown name fails before anything is written
+    load_case_study(spec.case_study, validate=True)  # a bad plugin fails before any write
     started = time.time()
     store = SweepStore(out, spec)
     logger = WandbLogger(wandb_mode, group=f"sweep-{spec.name}-{out.name}", root=out)
@@ -149,11 +149,13 @@ def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress:
     store.extra = {"matched_l0": matched, "seconds": time.time() - started,
                    "trained_this_invocation": runner.trained}
     store.write()
-    report, plots, summary = write_sweep_report(out, spec, runner, grid, matched)
+    analytic = analytic_costs(runner.case, runner.data[0])
+    report, plots, summary = write_sweep_report(out, spec, runner, grid, matched, analytic)
     store.extra["summary"] = summary
     store.write()
     _log_summary(logger, spec, grid, plots, summary)
-    return {"sweep": store.path, "report": report, "plots": plots, "trained": runner.trained}
+    return {"sweep": store.path, "report": report, "plots": plots, "trained": runner.trained,
+            "store": store, "summary": summary, "analytic": analytic}
 
 
 def _log_summary(logger, spec, grid, plots, summary) -> None:

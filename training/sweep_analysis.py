@@ -16,7 +16,7 @@ from clt_eval.config import DEFAULT_ACTIVATION
 from training.analysis import NMSE_OK, knob
 
 RECOVERED = 0.5  # mean middle-layer recovery below this: the middle step counts as gone
-KEEPS_B = 0.75  # a run "keeps B" when it recovers at least 3 of the 4 half-XORs
+KEEPS_B = 0.75  # a run "keeps B" when it recovers 3 in 4 of the middle-step features
 
 
 def label(spec: dict) -> str:
@@ -136,7 +136,8 @@ def fisher_skip(a_skips: np.ndarray, b_skips: np.ndarray) -> float:
 
 
 METRICS = ("l0_total", "nmse", "skip_fraction", "skips", "middle_feature_recovery",
-           "intervention_agreement", "cross_layer_share")
+           "intervention_agreement", "cross_layer_share", "circuit_edge_precision",
+           "circuit_edge_recall", "shortcut_edges", "missing_middle_edges", "path_depth")
 
 
 def point_summary(recs: list[dict]) -> dict:

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from clt_eval.evaluate import SKIP_THRESHOLD
 from training import sweep_analysis as A
 
@@ -104,7 +106,7 @@ def _kind(m: dict) -> str:
     if (m.get("skip_fraction") or 0) > SKIP_THRESHOLD:
         return "skips (skip fraction > 0.5)"
     if (m.get("middle_feature_recovery") or 0) >= A.KEEPS_B:
-        return "keeps B (≥ 3 of 4 half-XORs)"
+        return "keeps B (≥ 3 in 4 middle features)"
     return "neither"
 
 
@@ -117,7 +119,8 @@ def width_plot(out: Path, onset: list[dict]) -> Path | None:
         ws = list(row["skip_share"])
         ax.plot(ws, list(row["skip_share"].values()), marker="o",
                 label=f"{row['setting']}, knob {row['knob']:g}")
-    ax.axvline(12, color="grey", lw=0.8, ls=":")  # the cheapest shortcut needs 12 (GUIDE §4)
+    # the cheapest shortcut needs 12 (docs/concepts.md §4)
+    ax.axvline(12, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("features per layer")
     ax.set_ylabel("share of CLT seeds that skip")
     ax.set_ylim(-0.05, 1.05)
@@ -146,5 +149,40 @@ def cross_share_plot(out: Path, records: list[dict], width: int) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = save_figure(fig, out / "cross_layer_share.png")
+    plt.close(fig)
+    return path
+
+
+def circuit_plot(out: Path, rows: list[dict]) -> Path | None:
+    """At matched L0, per setting: edge recall against the true circuit and the number of
+    shortcut edges, a dot per seed, PLT beside CLT."""
+    rows = [r for r in rows if "recs" in r]
+    if not rows:
+        return None
+    plt = _plt()
+    keys = sorted({(r["setting"], r["target"]) for r in rows}, key=repr)
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.55 * len(keys)), 6.5), sharex=True)
+    rng = np.random.default_rng(0)
+    colors = {"plt": "#1f77b4", "clt": "#d62728"}
+    for r in rows:
+        x = keys.index((r["setting"], r["target"])) + (-0.15 if r["arch"] == "plt" else 0.15)
+        for ax, key in zip(axes, ("circuit_edge_recall", "shortcut_edges"), strict=True):
+            vals = [m["metrics"].get(key) for m in r["recs"]]
+            vals = [v for v in vals if v is not None]
+            ax.scatter(x + rng.uniform(-0.06, 0.06, len(vals)), vals, s=10,
+                       color=colors[r["arch"]], alpha=0.7)
+    for arch, c in colors.items():
+        axes[0].scatter([], [], color=c, label=arch.upper())
+    axes[0].set_ylabel("edge recall vs true circuit")
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("shortcut edges")
+    axes[1].set_xticks(range(len(keys)))
+    axes[1].set_xticklabels([f"{s}\nL0 {t:g}" for s, t in keys], rotation=60, fontsize=7,
+                            ha="right")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("Attribution graphs scored against the true circuit (dot = seed)",
+                      fontsize=9)
+    fig.tight_layout()
+    path = save_figure(fig, out / "circuit.png")
     plt.close(fig)
     return path

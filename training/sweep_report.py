@@ -8,7 +8,7 @@ from pathlib import Path
 from clt_eval.atomic import write_text_atomic
 from training import sweep_analysis as A
 from training import sweep_plots as P
-from training.report import _table
+from training.report import _table, analytic_section
 
 
 def _f(v, digits=2) -> str:
@@ -18,8 +18,10 @@ def _f(v, digits=2) -> str:
         (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict | None):
-    """Writes report.md and the plots; returns (report path, plot paths, JSON summary)."""
+def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict | None,
+                       analytic: dict | None = None):
+    """Writes report.md and the plots; returns (report path, plot paths, JSON summary).
+    ``analytic``: the case study's hand-built decompositions priced (``report.analytic_costs``)."""
     from training.sweep_tracking import tracking_rows
 
     width = spec.matched_l0.n_features if spec.matched_l0 else _common_width(grid)
@@ -31,9 +33,10 @@ def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict 
     tracked = tracking_rows(runner, grid, width)
     plots = [P.phase_diagram(out, grid, width, "lambda"), P.phase_diagram(out, grid, width, "l0"),
              P.front(out, grid), P.cross_share_plot(out, grid, width)]
-    plots += [p for p in [P.width_plot(out, onset)] if p is not None]
+    plots += [p for p in [P.width_plot(out, onset), P.circuit_plot(out, rows)] if p is not None]
     parts = [_header(spec, grid, runner, width), _summary(gone, versus, mitig, onset),
              _gone_section(gone, tracked), _matched_section(rows, versus),
+             _circuit_section(rows), analytic_section(analytic or {}, rows),
              _mitigation_section(mitig), _width_section(onset),
              "## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)]
     report = write_text_atomic(out / "report.md", "\n\n".join(parts) + "\n")
@@ -60,10 +63,12 @@ def _header(spec, grid, runner, width) -> str:
             f"matched-L0 search ({spec.train.steps} full-batch Adam steps each; "
             f"{runner.trained} trained by the last invocation, the others read back from "
             f"`sweep.json`). Curves and the disappearance table use the {width}-feature runs. "
-            f"A run *skips* when its skip fraction (share of the output C written by layer-0 "
-            f"features through cross-layer decoders) exceeds 0.5; the middle step is *gone* "
-            f"when the mean share of the 4 half-XORs recovered (Hungarian match, correlation "
-            f"and decoder cosine ≥ 0.9) stays below {A.RECOVERED}. Tests across seeds are "
+            f"A run *skips* when its skip fraction (share of the output written by features of "
+            f"earlier layers through cross-layer decoders) exceeds 0.5; the middle steps are "
+            f"*gone* when the mean share of their ground-truth features recovered (Hungarian "
+            f"match, correlation and decoder cosine ≥ 0.9) stays below {A.RECOVERED}. "
+            f"Targets and λ are for total L0 (active features per sample, summed over layers). "
+            f"Tests across seeds are "
             f"two-sided Mann–Whitney U (effect size: Cliff's δ, from −1 to 1) and Fisher's "
             f"exact test on the counts of seeds that skip.")
 
@@ -150,6 +155,25 @@ def _matched_section(rows, versus) -> str:
                  "construction, so any CLT has a larger one; whether CLT *seeds skip* more "
                  "often is Fisher's test on the counts.\n\n" + _table(head, body))
     return text
+
+
+def _circuit_section(rows) -> str:
+    """The attribution graph of each run scored against the case study's true circuit."""
+    head = ["setting", "arch", "target L0", "edge precision", "edge recall", "shortcut edges",
+            "missing middle edges", "path depth"]
+    body = [[r["setting"], r["arch"], r["target"], _f(r.get("circuit_edge_precision")),
+             _f(r.get("circuit_edge_recall")), _f(r.get("shortcut_edges")),
+             _f(r.get("missing_middle_edges")), _f(r.get("path_depth"))]
+            for r in rows if "recs" in r]
+    return ("## Attribution graphs against the true circuit, at matched L0\n\nEach run's "
+            "attribution graph (direct effects between inputs, features and each step's "
+            "output directions, averaged over the case study's inputs) with features mapped "
+            "to the ground-truth features they recover. *Precision/recall*: of the true "
+            "circuit's edges; *shortcut edges*: edges that jump over a step or write a later "
+            "step straight from an earlier layer, which the true model does not have; "
+            "*missing middle edges*: true edges out of a middle step that the graph lacks; "
+            "*path depth*: the most features on one input→output path (the chain's number of "
+            "steps when faithful). Means over seeds.\n\n" + _table(head, body))
 
 
 def _mitigation_section(mitig) -> str:

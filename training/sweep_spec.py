@@ -36,12 +36,17 @@ class MatchedL0Spec:
     bisect_seeds: int = 3  # seeds averaged at each bisection point
     seeds: int = 10  # seeds trained at the λ found, for the statistics
     n_features: int = 16  # the width compared
+    # Targets count per middle step of the case study's chain: a deeper chain needs more
+    # active features for the same per-step sparsity.
+    per_middle_step: bool = False
 
     def __post_init__(self) -> None:
         require(len(self.targets) > 0, "matched_l0.targets: empty; expected numbers > 0")
         for t in self.targets:
             require(isinstance(t, int | float) and 0 < t < math.inf,
                     f"matched_l0.targets: {t!r} is not a number > 0")
+        require(isinstance(self.per_middle_step, bool),
+                f"matched_l0.per_middle_step={self.per_middle_step!r}: expected true or false")
         for name in ("iterations", "bisect_seeds", "seeds", "n_features"):
             v = getattr(self, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v > 0,

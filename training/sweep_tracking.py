@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
+from clt_eval.case_study import middle_layers, step_at
 from clt_eval.evaluate import CORR_MIN, COS_MIN
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.tracking import track
@@ -26,9 +27,9 @@ def tracking_rows(runner, grid: list[dict], width: int) -> list[dict]:
     folder = runner.out / "transcoders"
     if not folder.is_dir():
         return []
-    gt = next(g for g in case.ground_truth() if g.layer == case.middle_layer)
+    mids = [step_at(case, m) for m in middle_layers(case)]
     x, _, cache = collect_mlp_io(runner.model, case.inputs(), case.input_hooks,
-                                 case.output_hooks, [gt.hook])
+                                 case.output_hooks, [gt.hook for gt in mids])
     series: dict = defaultdict(list)
     for r in grid:
         if r["spec"]["n_features"] == width and r["penalty"] not in ("topk", "batchtopk"):
@@ -40,14 +41,17 @@ def tracking_rows(runner, grid: list[dict], width: int) -> list[dict]:
         if len(recs) < 2 or not all(p.is_dir() for p in paths):
             continue
         tcs = [load_transcoder(p) for p in paths]
-        acts = [tc(x).acts_RBLF[0, :, case.middle_layer] for tc in tcs]
-        decs = [tc.masked_W_dec()[0, case.middle_layer, case.middle_layer] for tc in tcs]
-        for g, t in enumerate(track(acts, decs, cache[gt.hook], gt.directions_GD,
-                                    CORR_MIN, COS_MIN)):
-            stop = t["stop"]
-            per_feature[(name, arch, gt.names[g])].append(
-                (t["fate"], None if stop is None else knob(recs[stop]),
-                 None if stop is None else recs[stop]["metrics"]["l0_total"]))
+        outs = [tc(x).acts_RBLF[0] for tc in tcs]
+        for gt in mids:
+            m = gt.layer
+            acts = [a[:, m] for a in outs]
+            decs = [tc.masked_W_dec()[0, m, m] for tc in tcs]
+            for g, t in enumerate(track(acts, decs, cache[gt.hook], gt.directions_GD,
+                                        CORR_MIN, COS_MIN)):
+                stop = t["stop"]
+                per_feature[(name, arch, gt.names[g])].append(
+                    (t["fate"], None if stop is None else knob(recs[stop]),
+                     None if stop is None else recs[stop]["metrics"]["l0_total"]))
     return [_row(key, found) for key, found in sorted(per_feature.items())]
 
 

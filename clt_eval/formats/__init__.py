@@ -1,5 +1,5 @@
 """On-disk transcoder formats: clt-eval's own, circuit-tracer's CLT and per-layer layouts,
-and sae_lens transcoder folders (GUIDE §7). ``load_any`` reads any of them into a one-run
+and sae_lens transcoder folders (docs/concepts.md §7). ``load_any`` reads any of them into a one-run
 ``Transcoder`` plus its ``LayerWindow``; ``save_as`` writes one atomically.
 
 sae_lens is imported only by the sae_lens export (it costs ~10 s).

@@ -2,7 +2,8 @@
 building a one-run ``Transcoder`` from plain tensors, and atomic folder writes.
 
 Every reader checks a foreign file completely (names, shapes, dtypes, finiteness) and fails
-with one line naming the file and tensor, before anything is built or written (GUIDE §8.10).
+with one line naming the file and tensor, before anything is built or written (docs/concepts.md
+§8.10).
 """
 
 from __future__ import annotations

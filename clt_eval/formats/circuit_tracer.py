@@ -1,4 +1,4 @@
-"""circuit-tracer's on-disk layouts (GUIDE §7), read and written without circuit-tracer.
+"""circuit-tracer's on-disk layouts (docs/concepts.md §7), read and written without circuit-tracer.
 
 Facts from circuit-tracer's own loaders and ``to_safetensors`` (``load_clt``,
 ``load_transcoder_set``, ``load_transcoders``):
@@ -13,7 +13,7 @@ Facts from circuit-tracer's own loaders and ``to_safetensors`` (``load_clt``,
   holds ``W_dec_{i}`` [F, L-i, D], the decoders of layer i's features to layers i..L-1. The
   layout has no skip connection.
 * Transcoder set: ``layer_{i}.safetensors`` with ``W_enc`` and ``W_dec`` (both [F,D]),
-  ``b_enc`` [F], ``b_dec`` [D], optional ``activation_function.threshold`` [F] (the GUIDE's
+  ``b_enc`` [F], ``b_dec`` [D], optional ``activation_function.threshold`` [F] (an older
   short name ``threshold`` is read too), optional ``W_skip`` [D_out, D_in] and, from its TopK
   writer, an optional scalar ``k``.
 

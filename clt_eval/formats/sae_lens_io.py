@@ -187,7 +187,7 @@ def to_sae_lens(tc: Transcoder, window: LayerWindow | None = None) -> list:
     saes = []
     for arch, meta, state in parts:
         cls, cfg_cls = classes[arch]
-        # GUIDE §7: sae_lens transcoders must be built with apply_b_dec_to_input=False.
+        # docs/concepts.md §7: sae_lens transcoders must be built with apply_b_dec_to_input=False.
         cfg = cfg_cls(d_in=D, d_sae=F, d_out=D, dtype="float32", device="cpu",
                       apply_b_dec_to_input=False, metadata=SAEMetadata(**meta))
         sae = cls(cfg)

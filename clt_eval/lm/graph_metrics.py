@@ -1,4 +1,4 @@
-"""PLT-vs-CLT proxies of faithfulness on a language model, as pure functions (GUIDE §5).
+"""PLT-vs-CLT proxies of faithfulness on a language model, as pure functions (docs/concepts.md §5).
 
 Without ground truth the proxies are: the share of the output's attribution that comes from
 early-layer features, the spread of L0 across layers, the mean path length of the graph,
@@ -52,7 +52,7 @@ def early_share(share_L: torch.Tensor) -> float:
     """Σ of ``share_L`` over the early layers (``n_early_layers``): the share of the feature
     nodes' influence on the logits that comes from features in the window's first half.
     A CLT that writes the output straight from early features through cross-layer decoders
-    (the shortcut of GUIDE §1) raises it; a PLT must route that output through later
+    (the shortcut of docs/concepts.md §1) raises it; a PLT must route that output through later
     layers' features or the residual stream."""
     return float(share_L[:n_early_layers(share_L.numel())].sum())
 

@@ -1,4 +1,4 @@
-"""Language-model reconstruction metrics (GUIDE §5) as pure functions of tensors.
+"""Language-model reconstruction metrics (docs/concepts.md §5) as pure functions of tensors.
 
 "KL and CE loss with *all* MLPs replaced at once": the spliced model's next-token
 distribution against the clean model's, and its cross-entropy loss between the clean model

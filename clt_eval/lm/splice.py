@@ -1,6 +1,6 @@
 """The spliced replacement model: every window layer's MLP replaced by the transcoder at once.
 
-One forward pass with TransformerLens hooks (GUIDE §5, "KL and CE loss with *all* MLPs
+One forward pass with TransformerLens hooks (docs/concepts.md §5, "KL and CE loss with *all* MLPs
 replaced at once"): at model layer ``layers[ℓ]``'s MLP input hook the residual stream, as the
 spliced model has computed it so far, is encoded by the transcoder's layer-ℓ encoder; at its
 output hook the MLP output becomes ŷ_ℓ = Σ_{s≤ℓ} W_dec^{s→ℓ} a_s + b_dec^ℓ (+ W_skip x_ℓ).

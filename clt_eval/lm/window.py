@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from clt_eval.errors import CltEvalError, require
 
-# GUIDE §2: the MLP input after the block's second normalisation, and the MLP output.
+# docs/concepts.md §2: the MLP input after the block's second normalisation, and the MLP output.
 DEFAULT_INPUT_HOOK = "blocks.{layer}.ln2.hook_normalized"
 DEFAULT_OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"
 

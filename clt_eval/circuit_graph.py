@@ -119,8 +119,8 @@ class _Tally:
     n_runs: int
     runs: list[torch.Tensor] = field(default_factory=list)  # per kept mapped edge: its run
     codes: list[torch.Tensor] = field(default_factory=list)  # and src * N + dst
-    shortcuts_R: torch.Tensor = None
-    depth_R: torch.Tensor = None
+    shortcuts_R: torch.Tensor = field(init=False)  # [R] long
+    depth_R: torch.Tensor = field(init=False)  # [R] long: deepest path into an output node
 
     def __post_init__(self):
         self.shortcuts_R = torch.zeros(self.n_runs, dtype=torch.long)

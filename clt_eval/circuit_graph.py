@@ -315,11 +315,13 @@ def _nodes(case, matches, R: int, L: int, F: int) -> _Nodes:
 
 def _scores(tally: _Tally, nodes: _Nodes) -> dict:
     N, R = len(nodes.names), tally.n_runs
-    runs, codes = torch.cat(tally.runs), torch.cat(tally.codes)
+    keyed = (torch.cat(tally.runs) * N * N + torch.cat(tally.codes)).unique().tolist()
+    per_run: list[set[tuple[str, str]]] = [set() for _ in range(R)]
+    for k in keyed:  # one pass in Python over the mapped edges only
+        r, code = divmod(k, N * N)
+        per_run[r].add((nodes.names[code // N], nodes.names[code % N]))
     precision, recall, missing, predicted = [], [], [], []
-    for r in range(R):
-        pairs = {(nodes.names[c // N], nodes.names[c % N])
-                 for c in codes[runs == r].unique().tolist()}
+    for pairs in per_run:
         hit = len(pairs & nodes.true_edges)
         precision.append(hit / len(pairs) if pairs else math.nan)
         recall.append(hit / len(nodes.true_edges) if nodes.true_edges else math.nan)

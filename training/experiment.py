@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +40,16 @@ def run_id(spec: RunSpec) -> str:
     if extra:
         rid += "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
     return rid
+
+
+def canonical(spec: RunSpec) -> RunSpec:
+    """The run that trains identically to ``spec``: a PLT has one decoder block per feature,
+    so every decoder-norm choice prices it the same, and κ (which prices cross-layer blocks)
+    has nothing to price. Sweeps train the canonical run once and report it under each name."""
+    if spec.arch != "plt":
+        return spec
+    norm = "none" if spec.decoder_norm == "none" else "concatenated"
+    return replace(spec, decoder_norm=norm, cross_layer_coef=0.0)
 
 
 def check_unique(specs: list[RunSpec]) -> None:

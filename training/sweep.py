@@ -12,6 +12,7 @@ earlier results, so replaying it finds its finished runs in ``sweep.json``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -23,7 +24,14 @@ from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError, require
 from training.checkpoint import Checkpoint, stop_gracefully
 from training.config import RunSpec
-from training.experiment import case_data, check_unique, group_specs, run_id, train_log_save
+from training.experiment import (
+    canonical,
+    case_data,
+    check_unique,
+    group_specs,
+    run_id,
+    train_log_save,
+)
 from training.sweep_spec import SweepSpec
 from training.wandb_logger import WandbLogger
 
@@ -65,6 +73,13 @@ class SweepStore:
     def get(self, spec: RunSpec) -> dict:
         return self.records[run_id(spec)]
 
+    def twin(self, spec: RunSpec, trained: RunSpec) -> dict:
+        """``spec``'s record, copied from the identical run ``trained`` (see ``canonical``)."""
+        rec = copy.deepcopy(self.get(trained))
+        rec |= {"run_id": run_id(spec), "decoder_norm": spec.decoder_norm,
+                "spec": spec.to_dict(), "trained_as": run_id(trained)}
+        return rec
+
     def add(self, records: list[dict]) -> None:
         self.records |= {r["run_id"]: r for r in records}
         self.write()
@@ -93,7 +108,9 @@ class Runner:
         from tqdm.auto import tqdm
 
         check_unique(specs)
-        chunks = self._chunks([s for s in specs if not self.store.done(s)])
+        canon = {s: canonical(s) for s in specs}
+        chunks = self._chunks(list(dict.fromkeys(
+            c for c in canon.values() if not self.store.done(c))))
         steps = len(chunks) * self.spec.train.steps
         with tqdm(total=steps, desc=f"{desc}: {sum(map(len, chunks))} runs", unit="step",
                   disable=not self.progress or not chunks) as bar, \
@@ -109,6 +126,10 @@ class Runner:
                 if self.active.stop_requested:  # a signal that came during evaluation
                     raise KeyboardInterrupt("stopped between ensembles")
                 self.active = None
+        twins = [self.store.twin(s, c) for s, c in canon.items()
+                 if s != c and not self.store.done(s)]
+        if twins:
+            self.store.add(twins)
         return [self.store.get(s) for s in specs]
 
     @staticmethod

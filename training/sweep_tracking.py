@@ -37,7 +37,7 @@ def tracking_rows(runner, grid: list[dict], width: int) -> list[dict]:
     per_feature: dict = defaultdict(list)
     for (name, arch, _), recs in sorted(series.items(), key=lambda kv: repr(kv[0])):
         recs = sorted(recs, key=knob)
-        paths = [folder / r["run_id"] for r in recs]
+        paths = [folder / r.get("trained_as", r["run_id"]) for r in recs]
         if len(recs) < 2 or not all(p.is_dir() for p in paths):
             continue
         tcs = [load_transcoder(p) for p in paths]

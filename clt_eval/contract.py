@@ -25,6 +25,7 @@ def check_case_study(case, label: str | None = None) -> None:
     def need(cond: bool, what: str) -> None:
         require(cond, f"case study {label!r}: {what}")
 
+    need(case is not None, "the factory returned None; expected a case-study object")
     for f in FIELDS:
         need(hasattr(case, f), f"field {f!r} missing; expected it on the case-study object")
     for m in METHODS:

@@ -84,7 +84,7 @@ def _json_safe(x):
 def _reconstruction(out, y) -> dict:
     nmse = M.nmse_per_layer(out.recon_RBLD, y)
     l0 = M.l0_per_layer(out.acts_RBLF)
-    return {"nmse": nmse.mean(-1), "nmse_per_layer": nmse, "l0_per_layer": l0,
+    return {"nmse": nmse.nanmean(-1), "nmse_per_layer": nmse, "l0_per_layer": l0,
             "l0_total": l0.sum(-1), "dead_fraction_per_layer": M.dead_fraction(out.acts_RBLF)}
 
 

@@ -12,10 +12,16 @@ from scipy.optimize import linear_sum_assignment
 
 
 def nmse_per_layer(recon_RBLD: torch.Tensor, target_BLD: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained per layer, [R, L]: Σ‖ŷ−y‖² / Σ‖y−ȳ‖²."""
+    """Fraction of variance unexplained per layer, [R, L]: Σ‖ŷ−y‖² / Σ‖y−ȳ‖².
+
+    NaN for a layer whose output does not vary over the data (a constant MLP output has no
+    variance to explain; dividing by a clamped tiny variance would report rounding noise as
+    errors of 1e10)."""
     err = (recon_RBLD - target_BLD[None]).pow(2).sum((1, 3))
     var = (target_BLD - target_BLD.mean(0)).pow(2).sum((0, 2))
-    return err / var.clamp_min(1e-12)
+    scale = target_BLD.pow(2).sum((0, 2))
+    constant = var <= 1e-10 * scale.clamp_min(1e-12)
+    return torch.where(constant, torch.full_like(err, float("nan")), err / var.clamp_min(1e-12))
 
 
 def l0_per_layer(acts_RBLF: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def case():
-    import case_studies  # noqa: F401  (registers the built-in case studies)
     from clt_eval.case_study import load_case_study
 
     return load_case_study("boolean_two_step")

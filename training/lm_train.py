@@ -121,7 +121,7 @@ def evaluate_lm(tc: Transcoder, eval_source) -> list[dict]:
     recon = torch.cat([o.recon_RBLD for o in outs], 1)
     acts = torch.cat([o.acts_RBLF for o in outs], 1)
     nmse, l0, dead = nmse_per_layer(recon, y), l0_per_layer(acts), dead_fraction(acts)
-    return [{"nmse": float(nmse[r].mean()), "nmse_per_layer": nmse[r].tolist(),
+    return [{"nmse": float(nmse[r].nanmean()), "nmse_per_layer": nmse[r].tolist(),
              "l0_per_layer": l0[r].tolist(), "l0_total": float(l0[r].sum()),
              "dead_fraction_per_layer": dead[r].tolist(), "n_eval_tokens": len(x)}
             for r in range(tc.n_runs)]

@@ -57,18 +57,40 @@ def step_l0(pre_RBLF: torch.Tensor, threshold_R1LF: torch.Tensor, bandwidth: flo
     return _Step.apply(pre_RBLF, threshold_R1LF, bandwidth)
 
 
-def topk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool) -> torch.Tensor:
-    """Keep the k largest ReLU'd pre-activations per sample, per layer or across layers.
+def by_k(k_R: torch.Tensor):
+    """(k, run indices or None for all runs) for each distinct k, smallest first.
 
-    k may differ between runs: take the top max(k) once, then drop ranks >= k of each run.
-    """
+    Each run is selected with its own k rather than with the ensemble's largest k: which of
+    several equal values ``topk`` keeps depends on k, so a shared k would make a run's
+    features depend on its neighbours' budgets (tests/test_run_independence.py)."""
+    ks = k_R.unique().tolist()
+    if len(ks) == 1:
+        return [(int(ks[0]), None)]
+    return [(int(k), (k_R == k).nonzero().flatten()) for k in ks]
+
+
+def _per_k(select, pre_RX: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
+    """Apply ``select(pre, k)`` to the runs of each k; all runs at once when k is shared."""
+    groups = by_k(k_R)
+    if groups[0][1] is None:
+        return select(pre_RX, groups[0][0])
+    out = torch.zeros_like(pre_RX)
+    for k, idx in groups:
+        out = out.index_put((idx,), select(pre_RX[idx], k))
+    return out
+
+
+def _topk_last(flat: torch.Tensor, k: int) -> torch.Tensor:
+    vals, idx = flat.relu().topk(min(k, flat.shape[-1]), dim=-1)
+    return torch.zeros_like(flat).scatter(-1, idx, vals)
+
+
+def topk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool) -> torch.Tensor:
+    """Keep the k largest ReLU'd pre-activations per sample, per layer or across layers;
+    k may differ between runs."""
     R, B, L, F = pre_RBLF.shape
     flat = pre_RBLF.reshape(R, B, L * F) if joint else pre_RBLF
-    kmax = int(k_R.max())
-    vals, idx = flat.relu().topk(min(kmax, flat.shape[-1]), dim=-1)
-    keep = torch.arange(vals.shape[-1], device=vals.device) < k_R.view(R, *[1] * (vals.dim() - 1))
-    out = torch.zeros_like(flat).scatter(-1, idx, vals * keep)
-    return out.reshape(R, B, L, F)
+    return _per_k(_topk_last, flat, k_R).reshape(R, B, L, F)
 
 
 def batchtopk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool):
@@ -81,14 +103,10 @@ def batchtopk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool):
     relu = pre_RBLF.relu()
     # Put the batch next to the feature axis so one topk covers the batch.
     flat = relu.permute(0, 2, 1, 3).reshape(R, L, B * F) if not joint else relu.reshape(R, 1, -1)
-    kb = (k_R * B).clamp(max=flat.shape[-1])
-    vals, idx = flat.topk(int(kb.max()), dim=-1)
-    keep = torch.arange(vals.shape[-1], device=vals.device) < kb.view(R, 1, 1)
-    kept = vals * keep
-    out = torch.zeros_like(flat).scatter(-1, idx, kept)
-    # The smallest positive kept value is the cut-off this batch used.
-    big = torch.finfo(vals.dtype).max
-    cut = torch.where(keep & (vals > 0), vals, torch.full_like(vals, big)).amin(-1)
+    out = _per_k(lambda f, k: _topk_last(f, min(k * B, f.shape[-1])), flat, k_R)
+    # The smallest positive kept value is the cut-off this batch used (0 if none is kept).
+    big = torch.finfo(out.dtype).max
+    cut = torch.where(out > 0, out, torch.full_like(out, big)).amin(-1)
     cut = torch.where(cut == big, torch.zeros_like(cut), cut)
     if joint:
         return out.reshape(R, B, L, F), cut.expand(R, L)

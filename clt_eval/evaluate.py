@@ -104,7 +104,8 @@ def _recovery(tc, out, gt_layers, cache) -> dict:
 
 
 def _per_layer_recovery(case, rec_RJ: torch.Tensor, gt_layers) -> dict:
-    """Recovery per model layer ([R, L], NaN off the steps) and its mean over middle steps."""
+    """Recovery per model layer ([R, L]: every step's features, the output step's included;
+    NaN off the steps) and its mean over the middle steps."""
     R, L = rec_RJ.shape[0], case.n_layers
     per_layer = torch.full((R, L), float("nan"))
     for j, g in enumerate(gt_layers):

@@ -80,6 +80,10 @@ class TrainConfig:
     batch_size: int = 0  # 0: the whole data set in every step
     log_every: int = 100
     dead_window: int = 200  # steps without firing after which a feature counts as dead (AuxK)
+    # A run whose loss exceeds this multiple of its first loss is stopped as diverged (0: only
+    # non-finite losses, gradients or weights stop a run). λ's warm-up raises a healthy loss
+    # by a few times at most; a blow-up raises it by orders of magnitude.
+    divergence_factor: float = 1e4
 
     def __post_init__(self) -> None:
         for name in ("steps", "lr_warmup_steps", "batch_size", "log_every", "dead_window"):
@@ -90,6 +94,9 @@ class TrainConfig:
             check_finite_nonneg(name, getattr(self, name))
         require(self.lr > 0, f"lr={self.lr!r}: expected a number > 0")
         require(self.lambda_warmup_frac <= 1, "lambda_warmup_frac: expected a number in [0, 1]")
+        check_finite_nonneg("divergence_factor", self.divergence_factor)
+        require(self.divergence_factor == 0 or self.divergence_factor > 1,
+                f"divergence_factor={self.divergence_factor!r}: expected 0 (off) or a number > 1")
 
 
 WANDB_MODES = ("offline", "online", "disabled")

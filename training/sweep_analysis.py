@@ -140,9 +140,24 @@ METRICS = ("l0_total", "nmse", "skip_fraction", "skips", "middle_feature_recover
            "circuit_edge_recall", "shortcut_edges", "missing_middle_edges", "path_depth")
 
 
+PER_LAYER = ("skip_fraction_per_layer", "middle_feature_recovery_per_layer")
+
+
 def point_summary(recs: list[dict]) -> dict:
     return {k: float(values(recs, k).mean()) if values(recs, k).size else None
             for k in METRICS} | {"n": len(recs)}
+
+
+def per_layer_means(recs: list[dict], key: str) -> list[float | None]:
+    """Mean over runs of a per-layer metric (a list per run, None where undefined)."""
+    lists = [r["metrics"].get(key) for r in recs if r["metrics"].get(key) is not None]
+    if not lists:
+        return []
+    out = []
+    for col in zip(*lists, strict=False):
+        vals = [v for v in col if v is not None and not math.isnan(v)]
+        out.append(float(np.mean(vals)) if vals else None)
+    return out
 
 
 def matched_rows(matched: dict, by_id: dict) -> list[dict]:
@@ -154,6 +169,7 @@ def matched_rows(matched: dict, by_id: dict) -> list[dict]:
         if "run_ids" in p:
             recs = [by_id[i] for i in p["run_ids"]]
             row |= {"knob": p.get("k") or p["lambda"], "recs": recs} | point_summary(recs)
+            row |= {k: per_layer_means(recs, k) for k in PER_LAYER}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["setting"], r["target"], r["arch"]))
 

@@ -36,7 +36,8 @@ def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict 
     plots += [p for p in [P.width_plot(out, onset), P.circuit_plot(out, rows)] if p is not None]
     parts = [_header(spec, grid, runner, width), _summary(gone, versus, mitig, onset),
              _gone_section(gone, tracked), _matched_section(rows, versus),
-             _circuit_section(rows), analytic_section(analytic or {}, rows),
+             _per_layer_section(rows), _circuit_section(rows),
+             analytic_section(analytic or {}, rows),
              _mitigation_section(mitig), _width_section(onset),
              "## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)]
     report = write_text_atomic(out / "report.md", "\n\n".join(parts) + "\n")
@@ -155,6 +156,23 @@ def _matched_section(rows, versus) -> str:
                  "construction, so any CLT has a larger one; whether CLT *seeds skip* more "
                  "often is Fisher's test on the counts.\n\n" + _table(head, body))
     return text
+
+
+def _per_layer_section(rows) -> str:
+    """Skip fraction and middle-step recovery at every layer of the chain."""
+    def layers(v):
+        return " / ".join(_f(x) for x in v) if v else "–"
+
+    head = ["setting", "arch", "target L0", "skip fraction per layer",
+            "middle-step recovery per layer"]
+    body = [[r["setting"], r["arch"], r["target"], layers(r["skip_fraction_per_layer"]),
+             layers(r["middle_feature_recovery_per_layer"])] for r in rows if "recs" in r]
+    return ("## Per layer, at matched L0\n\nLayer 0, 1, … of the chain, means over seeds. "
+            "*Skip fraction* at a step's layer: the share of what features write along that "
+            "step's ground-truth directions that comes from earlier layers (– at layer 0, "
+            "which has none, and at layers without a step). *Recovery*: the share of the "
+            "step's ground-truth features matched by a transcoder feature at that layer (– off "
+            "the steps; the last value is the output step's own features).\n\n" + _table(head, body))
 
 
 def _circuit_section(rows) -> str:

@@ -1,20 +1,22 @@
 """The training loop: step, log if due, checkpoint-free for toys (callers save at the end).
 
-``train`` eats an iterator of (x_BLD, y_BLD) activation batches and trains every run of a
-``Transcoder`` ensemble at once. Runs are independent: the loss is a sum of per-run losses and
-Adam is elementwise, so an ensemble of R runs equals R separate trainings, at a fraction of
-the cost.
+``train`` eats an iterator of (x_BLD, y_BLD) activation batches (or per-run [R,B,L,D] ones)
+and trains every run of a ``Transcoder`` ensemble at once. Runs are independent: the loss is a
+sum of per-run losses and Adam is elementwise, so an ensemble of R runs equals R separate
+trainings, at a fraction of the cost -- bit for bit on CPU, whatever R and the run's place in
+the ensemble (tests/test_run_independence.py). A run that diverges is stopped alone.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from clt_eval.config import LossConfig
-from clt_eval.losses import LossPlan, training_loss
+from clt_eval.losses import LossPlan, row_mean, row_sum, training_loss
 from clt_eval.transcoder import Transcoder
 from training.config import TrainConfig
 
@@ -42,16 +44,24 @@ def init_b_dec(tc: Transcoder, y_BLD: torch.Tensor) -> None:
 
 def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torch.Tensor,
           batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
-          logger: Logger | None = None, progress=None, checkpoint=None) -> dict:
-    """Train all runs of ``tc`` in place; returns the last logged values ([R] tensors).
+          logger: Logger | None = None, progress=None, checkpoint=None,
+          run_names: list[str] | None = None, fused_adam: bool = False) -> dict:
+    """Train all runs of ``tc`` in place; returns the last logged values ([R] tensors) and,
+    under ``"diverged"``, one entry per run: None or {"step": N, "reason": "..."}.
 
     ``loss_cfg`` is one config for every run or a list with one per run. With a
     ``training.checkpoint.Checkpoint``, training resumes from its saved state and saves
-    when due; the batch iterator is advanced past the steps already done."""
+    when due; the batch iterator is advanced past the steps already done. A run that
+    diverges is frozen and named on stderr (``run_names``, else its index); the others go on
+    exactly as if it were not there.
+
+    ``fused_adam`` takes PyTorch's fused Adam kernel: faster for large ensembles, but it
+    rounds an element differently depending on where it lies in the flat parameter, so a run
+    no longer trains bit for bit as it would alone (benchmarks/bench_ensemble.py)."""
     tc.train()
     loss_cfg = LossPlan.build(loss_cfg, tc.n_runs)
-    # Fused: one pass over each tensor instead of several; ~25% faster per step at R = 512.
-    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, foreach=True)
+    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, **({"fused": True} if fused_adam
+                                                           else {"foreach": True}))
     R, L, F = tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features
     since_fired = torch.zeros(R, L, F, dtype=torch.long)
     start = 0
@@ -62,18 +72,21 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
             next(batches)
         if progress is not None:
             progress.update(start)
+    guard = DivergenceGuard(tc, opt, cfg.divergence_factor, run_names)
     last: dict = {}
     for step in range(start, cfg.steps):
-        parts, out = _step(tc, opt, loss_cfg, coefs_R, next(batches), since_fired, step, cfg)
+        parts, out = _step(tc, opt, loss_cfg, coefs_R, next(batches), since_fired, step, cfg,
+                           guard)
         with torch.no_grad():
             fired = (out.acts_RBLF > 0).any(1)
             since_fired = torch.where(fired, 0, since_fired + 1)
         if progress is not None:
             progress.update(1)
         if _due(step, cfg.log_every, cfg.steps):
+            R, B = out.acts_RBLF.shape[:2]
+            l0 = row_sum((out.acts_RBLF > 0).float().reshape(R * B, -1)).view(R, B)
             last = {"loss": parts.total_R.detach(), "mse": parts.mse_R,
-                    "sparsity": parts.sparsity_R,
-                    "l0": (out.acts_RBLF > 0).float().sum((2, 3)).mean(1)}
+                    "sparsity": parts.sparsity_R, "l0": row_mean(l0)}
             if logger is not None:
                 logger(step, last)
         if checkpoint is not None and checkpoint.stop_requested:
@@ -82,10 +95,10 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
         if checkpoint is not None and checkpoint.due(step, cfg.steps):
             checkpoint.save(step + 1, tc, opt, since_fired)
     tc.eval()
-    return last
+    return last | {"diverged": guard.report()}
 
 
-def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg):
+def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg, guard):
     """One Adam step. The learning rate is set from the step number alone (warm-up, then
     cosine), so a resumed run needs no scheduler state."""
     x, y = batch
@@ -95,24 +108,130 @@ def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg):
     for group in opt.param_groups:
         group["lr"] = cfg.lr * lr_factor(step, cfg)
     opt.zero_grad(set_to_none=True)
+    # Each run's loss depends on its own parameters only, so the gradient of the sum is
+    # each run's own gradient, even when another run's loss is inf or NaN.
     parts.total_R.sum().backward()
+    guard.check(step, parts.total_R.detach())
     opt.step()
+    guard.hold()
     return parts, out
+
+
+class DivergenceGuard:
+    """Stops runs whose loss, gradients or weights stop being finite, or whose loss grows
+    past ``factor`` times its first value, without disturbing the other runs.
+
+    A stopped run is frozen: its gradients are zeroed before every Adam step (so nothing
+    non-finite enters Adam's moments) and its tensors are written back after it, at the
+    state in which it was caught if that is finite, else at zero. Its record (step, reason)
+    and every run's first loss live in the optimiser's param group, which a checkpoint
+    saves, so a resumed ensemble remembers them.
+    """
+
+    KEY = "divergence"
+
+    def __init__(self, tc: Transcoder, opt, factor: float, names: list[str] | None = None):
+        self.tc, self.opt, self.factor = tc, opt, factor
+        self.names = names or [str(r) for r in range(tc.n_runs)]
+        state = opt.param_groups[0].setdefault(self.KEY, {"first_loss": None, "runs": {}})
+        self.state = state
+        self.frozen: dict[str, torch.Tensor] = {}
+        self.idx = torch.tensor([int(r) for r in state["runs"]], dtype=torch.long)
+        if len(self.idx):  # resumed: the checkpoint holds the frozen values
+            self._snapshot()
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every trained or running-estimate tensor of the ensemble ([R, ...] each)."""
+        named = dict(self.tc.named_parameters())
+        named["batchtopk_threshold"] = self.tc.batchtopk_threshold
+        return named
+
+    def _snapshot(self) -> None:
+        self.frozen = {n: t.detach()[self.idx].clone() for n, t in self._tensors().items()}
+
+    @torch.no_grad()
+    def check(self, step: int, loss_R: torch.Tensor) -> None:
+        """Catch new divergences from this step's loss and gradients (before Adam uses them),
+        then zero the gradients of every stopped run."""
+        R = loss_R.shape[0]
+        if self.state["first_loss"] is None:
+            self.state["first_loss"] = [float(v) if math.isfinite(v) else None
+                                        for v in loss_R.tolist()]
+        grads_ok = torch.ones(R, dtype=torch.bool)
+        for p in self.tc.parameters():
+            if p.grad is not None:
+                grads_ok &= p.grad.isfinite().view(R, -1).all(1)
+        loss_ok = loss_R.isfinite()
+        bad = ~(loss_ok & grads_ok)
+        if self.factor > 0:
+            first = torch.tensor([math.inf if v is None else v
+                                  for v in self.state["first_loss"]])
+            bad |= loss_R > self.factor * first
+        if self.idx.numel():
+            bad[self.idx] = False
+        if bool(bad.any()):
+            new = bad.nonzero().flatten().tolist()
+            for r in new:
+                reason = (f"loss {float(loss_R[r]):g}" if not bool(loss_ok[r]) else
+                          "non-finite gradient" if not bool(grads_ok[r]) else
+                          f"loss {float(loss_R[r]):.4g} > {self.factor:g} x first loss "
+                          f"{self.state['first_loss'][r]:.4g}")
+                self.state["runs"][str(r)] = {"step": step, "reason": reason}
+                print(f"clt-eval: warning: run {self.names[r]} diverged at step {step} "
+                      f"({reason}); the other runs go on", file=sys.stderr)
+            self._freeze(new)
+        if self.idx.numel():
+            for p in self.tc.parameters():
+                if p.grad is not None:
+                    p.grad[self.idx] = 0
+
+    def _freeze(self, runs: list[int]) -> None:
+        """Add ``runs`` to the frozen set, zeroing any of their tensors that is not finite."""
+        new = torch.tensor(runs, dtype=torch.long)
+        finite = torch.ones(len(runs), dtype=torch.bool)
+        for t in self._tensors().values():
+            finite &= t.detach()[new].isfinite().view(len(runs), -1).all(1)
+        for t in self._tensors().values():
+            t.data[new[~finite]] = 0
+        self.idx = torch.cat([self.idx, new]).sort().values
+        self._snapshot()
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        """Write the frozen runs' tensors back after the optimiser (and BatchTopK's running
+        threshold) moved them."""
+        if not self.idx.numel():
+            return
+        for n, t in self._tensors().items():
+            t.data[self.idx] = self.frozen[n]
+
+    def report(self) -> list[dict | None]:
+        runs = self.state["runs"]
+        return [dict(runs[str(r)]) if str(r) in runs else None for r in range(self.tc.n_runs)]
 
 
 def _due(step: int, every: int, total: int) -> bool:
     return step == total - 1 or (every > 0 and step % every == 0)
 
 
-def full_batches(x_BLD: torch.Tensor, y_BLD: torch.Tensor, batch_size: int = 0, seed: int = 0):
-    """Endless batches from a fixed data set: the whole set, or shuffled minibatches."""
+def full_batches(x_BLD: torch.Tensor, y_BLD: torch.Tensor, batch_size: int = 0,
+                 seed: int | Sequence[int] = 0):
+    """Endless batches from a fixed data set: the whole set, or shuffled minibatches.
+
+    With one ``seed`` every run sees the same minibatches, [B,L,D]. With one seed per run,
+    each run shuffles with its own seed and gets its own minibatches, [R,B,L,D]: a run's batch
+    order is then part of the run, the same whichever ensemble it trains in."""
     n = x_BLD.shape[0]
     if batch_size <= 0 or batch_size >= n:
         while True:
             yield x_BLD, y_BLD
-    g = torch.Generator().manual_seed(seed)
+    shared = isinstance(seed, int)
+    gens = [torch.Generator().manual_seed(int(s)) for s in ([seed] if shared else seed)]
     while True:
-        perm = torch.randperm(n, generator=g)
+        perm_RN = torch.stack([torch.randperm(n, generator=g) for g in gens])
         for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield x_BLD[idx], y_BLD[idx]
+            idx_RB = perm_RN[:, i:i + batch_size]
+            if shared:
+                yield x_BLD[idx_RB[0]], y_BLD[idx_RB[0]]
+            else:
+                yield x_BLD[idx_RB], y_BLD[idx_RB]

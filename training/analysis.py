@@ -7,7 +7,6 @@ optionally "setting", the label it is reported under.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import numpy as np
 

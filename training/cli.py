@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reproduce(args) -> int:
-    from training.reproduce import reproduce
-
-    from training.reproduce import format_headline
+    from training.reproduce import format_headline, reproduce
 
     cfg = ReproduceConfig(**_values(args, ReproduceConfig))
     result = reproduce(cfg)

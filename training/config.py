@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from clt_eval.config import DEFAULT_ACTIVATION, PENALTY_ACTIVATIONS, LossConfig, TranscoderConfig
 from clt_eval.errors import check_choice, check_finite_nonneg, require

@@ -3,11 +3,9 @@ under every penalty (clt_eval.costs) and evaluated (clt_eval.evaluate), beside t
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from clt_eval.atomic import write_text_atomic
 from clt_eval.costs import cost_key, sparsity_costs
 from clt_eval.evaluate import evaluate
+
 
 def skipping(name: str) -> bool:
     """Decompositions that write a later step from an earlier layer are named so."""

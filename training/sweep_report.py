@@ -172,7 +172,8 @@ def _per_layer_section(rows) -> str:
             "step's ground-truth directions that comes from earlier layers (– at layer 0, "
             "which has none, and at layers without a step). *Recovery*: the share of the "
             "step's ground-truth features matched by a transcoder feature at that layer (– "
-            "off the steps; the last value is the output step's own features).\n\n" + _table(head, body))
+            "off the steps; the last value is the output step's own features).\n\n"
+            + _table(head, body))
 
 
 def _circuit_section(rows) -> str:

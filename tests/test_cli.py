@@ -189,3 +189,13 @@ def test_compare_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "nope_plt" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_sweep_from_flags_trains_exactly_the_runs_its_flags_describe(tmp_path):
+    out = tmp_path / "grid"
+    assert main(["sweep", "--arch", "plt", "clt", "--penalty", "tanh", "--lambda-log", "0.1",
+                 "1", "2", "--seeds", "2", "--steps", "20", "--out", str(out),
+                 "--wandb-mode", "disabled", "--no-save-transcoders"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["runs"]) == 2 * 2 * 2  # arch × λ × seeds, no matched-L0 search
+    assert data["matched_l0"] is None

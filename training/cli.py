@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_parser(sub)
     _add_graph_parser(sub)
     _add_compare_parser(sub)
+    pt = sub.add_parser("patch", help="subspace activation patching and the MLP-in-the-middle "
+                        "illusion check, on a case study and its transcoder features")
+    pt.add_argument("--case-study", default="mlp_in_the_middle",
+                    help="a registered name or module.path:Factory")
+    pt.add_argument("--out", default="runs/patch")
+    pt.add_argument("--seeds", type=int, default=5, help="seeds per transcoder setting")
+    pt.add_argument("--steps", type=int, default=500, help="training steps per transcoder")
+    pt.add_argument("--wandb-mode", default="offline", choices=WANDB_MODES)
     e = sub.add_parser("evaluate", help="evaluate saved transcoder(s) against their case study")
     e.add_argument("run_dir", help="a transcoder folder, or a folder holding transcoders/")
     cs = sub.add_parser("case-studies", help="list case studies (built-in and installed "
@@ -95,6 +103,9 @@ def _add_sweep_parser(sub) -> None:
     g.add_argument("--lambda-log", type=float, nargs=3, metavar=("LO", "HI", "N"),
                    help="λ on a log grid: N points from LO to HI")
     g.add_argument("--seeds", type=int, default=None, help="seeds per grid point")
+    g.add_argument("--matched-l0", action="store_true",
+                   help="with a grid from flags, also run the spec's matched-L0 search "
+                   "(without it, flags train exactly the grid they describe)")
     s.add_argument("--steps", type=int, default=None, help="training steps per run")
 
 
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"reproduce": _reproduce, "train": _train, "evaluate": _evaluate,
                 "case-studies": _case_studies, "sweep": _sweep,
-                "convert": _convert, "graph": _graph, "compare": _compare}[args.command](args)
+                "convert": _convert, "graph": _graph, "compare": _compare,
+                "patch": _patch}[args.command](args)
     except CltEvalError as exc:
         print(f"clt-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -220,6 +232,8 @@ def _sweep(args) -> int:
         block["seeds"] = args.seeds
     if block:
         data = data | {"grid": [block | {"label": "command line"}]}
+        if not args.matched_l0:
+            data = data | {"matched_l0": None}
     if args.steps is not None:
         data = data | {"train": data.get("train", {}) | {"steps": args.steps}}
     if args.case_study is not None:
@@ -253,6 +267,15 @@ def _compare(args) -> int:
     paths = compare(args.model, args.plt, args.clt, args.prompts, args.out,
                     wandb_mode=args.wandb_mode, threads=args.threads)
     print(f"wrote {paths.get('report', args.out)}")
+    return 0
+
+
+def _patch(args) -> int:
+    from training.patch_job import run_patch
+
+    res = run_patch(args.case_study, Path(args.out), wandb_mode=args.wandb_mode,
+                    seeds=args.seeds, steps=args.steps)
+    print(f"wrote {res['paths']['report']}")
     return 0
 
 

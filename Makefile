@@ -37,6 +37,9 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_ensemble.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_activations.py  # add --smollm2 after make smollm2
+	$(BIN)/python benchmarks/bench_reproduce.py  # add --all for every case study
+	$(BIN)/python benchmarks/bench_circuit_graph.py
+	$(BIN)/python benchmarks/bench_das.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

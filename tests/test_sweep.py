@@ -48,6 +48,36 @@ def test_bisection_keeps_the_bracket_and_reports_targets_outside_the_grid():
     assert b.update(0.3, 0.5, 1.0).hi == 0.3
 
 
+def test_grid_is_extended_a_decade_at_a_time_until_it_reaches_the_targets():
+    """A case study whose L0 stays above the targets at the grid's largest λ gets larger λ
+    (at most two decades more), trained through the runner like any other point."""
+    from training.config import RunSpec
+    from training.experiment import run_id
+    from training.matched_l0 import _extend, setting_key
+    from training.sweep_spec import MatchedL0Spec
+
+    class Runner:
+        calls: list = []
+
+        def run(self, specs, desc):
+            self.calls.append(sorted({s.sparsity_coef for s in specs}))
+            return [{"run_id": run_id(s), "metrics": {"l0_total": 400.0 / (1 + s.sparsity_coef)}}
+                    for s in specs]
+
+    spec = RunSpec(arch="clt", penalty="l1")
+    key = (setting_key(spec), "clt")
+    curves = {key: [(0.1, 363.6), (1.0, 200.0), (10.0, 36.4)]}  # never below 36
+    runner = Runner()
+    out = _extend(runner, MatchedL0Spec(bisect_seeds=2), curves, [1.0, 2.0])
+    assert runner.calls == [[100.0], [1000.0]]
+    assert [lam for lam, _ in out[key]] == [0.1, 1.0, 10.0, 100.0, 1000.0]
+    assert initial_bracket(out[key], 1.0) is not None  # now bracketed: 0.4 < 1 < 3.96
+    runner.calls.clear()
+    reached = {key: [(0.1, 36.4), (1.0, 0.5)]}
+    assert _extend(runner, MatchedL0Spec(), reached, [1.0, 2.0]) == reached
+    assert runner.calls == []
+
+
 # ---- feature tracking --------------------------------------------------------------------
 def _hand_made():
     """3 λ points, 3 features, 2 ground-truth features on 8 samples. At λ1 the features are

@@ -80,7 +80,8 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
     whose mean L0 is closest to the target is used. Returns a JSON-ready summary."""
     m = spec.matched_l0
     targets = scaled_targets(m, runner.case)
-    out, keys, brackets = _plan(_grid_curves(grid_records, m.n_features), targets)
+    curves = _extend(runner, m, _grid_curves(grid_records, m.n_features), targets)
+    out, keys, brackets = _plan(curves, targets)
 
     def mean_l0(lams: list[float]) -> list[float]:
         specs = [[_with(base, arch, lam, s) for s in range(m.bisect_seeds)]
@@ -147,6 +148,38 @@ def _base(setting: dict):
 
     budget = setting["penalty"] in ("topk", "batchtopk")
     return RunSpec(**setting, k=1 if budget else None)
+
+
+EXTEND_FACTORS = (10.0, 10.0)  # each round extends the ends by a decade; one ensemble each
+
+
+def _extend(runner, m, curves: dict, targets: list[float]) -> dict:
+    """Grid curves that do not reach every target (L0 still above the smallest at the largest
+    λ, or below the largest at the smallest λ) get points beyond their ends, a decade at a
+    time: a case study with larger activations needs a larger λ for the same L0."""
+    for factor in EXTEND_FACTORS:
+        todo = {}
+        for (skey, arch), pts in curves.items():
+            base = _base(dict(skey))
+            if base.penalty in ("topk", "batchtopk") or not pts:
+                continue
+            (lo, f_lo), (hi, f_hi) = pts[0], pts[-1]
+            new = ([hi * factor] if f_hi > min(targets) else []) + \
+                  ([lo / factor] if f_lo < max(targets) else [])
+            todo[(skey, arch)] = [_with(base, arch, lam, s) for lam in new
+                                  for s in range(m.bisect_seeds)]
+        specs = [s for row in todo.values() for s in row]
+        if not specs:
+            break
+        recs = {r["run_id"]: r for r in runner.run(specs, f"extending the λ grid ×{factor:g}")}
+        for key, row in todo.items():
+            by_lam: dict = {}
+            for sp in row:
+                by_lam.setdefault(sp.sparsity_coef, []).append(
+                    recs[run_id(sp)]["metrics"]["l0_total"])
+            curves[key] = sorted(curves[key] + [(lam, float(np.mean(v)))
+                                                for lam, v in by_lam.items()])
+    return curves
 
 
 def _with(base, arch: str, lam: float, seed: int, k: int | None = None):

@@ -19,19 +19,7 @@ import torch
 
 from clt_eval import activations as act
 from clt_eval.config import NORMED_PENALTIES, LossConfig
-from clt_eval.transcoder import Transcoder, TranscoderOutput
-
-
-def row_sum(t_MX: torch.Tensor) -> torch.Tensor:
-    """Sum over everything but the first axis, [M], in an order independent of M.
-
-    PyTorch sums a tensor down to a single number with one partial sum per thread, but sums
-    several rows one row per thread; so a lone run's sum (M = 1) would round differently from
-    the same run's row in an ensemble (measured: from ~32k elements on 2 threads). Viewing a
-    lone row as two rows (a stride-0 view, nothing copied) takes the multi-row path always."""
-    M = t_MX.shape[0]
-    flat = t_MX.reshape(M, -1)
-    return flat.expand(2, -1).sum(-1)[:1] if M == 1 else flat.sum(-1)
+from clt_eval.transcoder import Transcoder, TranscoderOutput, row_sum
 
 
 def row_mean(t_MX: torch.Tensor) -> torch.Tensor:

@@ -84,22 +84,40 @@ class EnsembleResult:
 
 def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, progress=None,
                 checkpoint=None):
-    """Train one ensemble of compatible runs and evaluate every member."""
+    """Train one ensemble of compatible runs and evaluate every member.
+
+    Each run's result is the one it would get trained alone (tests/test_run_independence.py):
+    minibatches are shuffled with each run's own seed. A run that diverged is not evaluated:
+    its metrics hold ``diverged`` ({"step", "reason"}) and None for every other value."""
     x, y = data
     cfgs = [s.transcoder_config(case.d_model, case.n_layers) for s in specs]
     tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
     init_b_dec(tc, y)
     coefs = torch.tensor([s.sparsity_coef for s in specs])
-    batches = full_batches(x, y, train_cfg.batch_size, seed=specs[0].seed)
+    batches = full_batches(x, y, train_cfg.batch_size, seed=[s.seed for s in specs])
     final = train(tc, [s.loss_config() for s in specs], coefs, batches, train_cfg, logger,
-                  progress, checkpoint)
-    metrics = evaluate(case, tc, model)
-    costs = sparsity_costs(tc, x)  # each run priced as the analytic decompositions are
-    for i, (m, s) in enumerate(zip(metrics, specs, strict=True)):
-        m["final_loss"] = float(final["loss"][i])
-        m["sparsity_cost"] = float(costs[cost_key(s.penalty, s.decoder_norm)][i]
-                                   + s.cross_layer_coef * costs["cross_layer"][i])
+                  progress, checkpoint, run_names=[run_id(s) for s in specs])
+    metrics = _evaluate_finite(case, model, tc, specs, x, final)
     return EnsembleResult(specs, tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)])
+
+
+def _evaluate_finite(case, model, tc, specs, x, final) -> list[dict]:
+    """Metrics of the runs that trained to the end; None-valued ones for diverged runs."""
+    diverged = final["diverged"]
+    ok = [i for i, d in enumerate(diverged) if d is None]
+    metrics: list[dict] = [{} for _ in specs]
+    if ok:
+        sub = tc if len(ok) == len(specs) else tc.select(ok)
+        costs = sparsity_costs(sub, x)  # each run priced as the analytic decompositions are
+        for j, (i, m) in enumerate(zip(ok, evaluate(case, sub, model), strict=True)):
+            s = specs[i]
+            m["final_loss"] = float(final["loss"][i])
+            m["sparsity_cost"] = float(costs[cost_key(s.penalty, s.decoder_norm)][j]
+                                       + s.cross_layer_coef * costs["cross_layer"][j])
+            metrics[i] = m
+    keys = list(metrics[ok[0]]) if ok else ["final_loss", "sparsity_cost"]
+    return [m | {"diverged": None} if d is None else dict.fromkeys(keys) | {"diverged": d}
+            for m, d in zip(metrics, diverged, strict=True)]
 
 
 def case_data(case, model):
@@ -128,6 +146,8 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
     logger.finish()
     if save:
         for i, (spec, rid) in enumerate(zip(group, ids, strict=True)):
+            if res.records[i]["metrics"]["diverged"] is not None:
+                continue  # a diverged run's weights are no result: nothing is saved for it
             save_transcoder(res.transcoder.select([i]), out / "transcoders" / rid,
                             extra={"case_study": case_study_spec(case), "run": spec.to_dict()})
     return res.records

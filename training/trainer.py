@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from clt_eval.config import LossConfig
-from clt_eval.losses import LossPlan, row_mean, row_sum, training_loss
-from clt_eval.transcoder import Transcoder
+from clt_eval.losses import LossPlan, row_mean, training_loss
+from clt_eval.transcoder import Transcoder, row_sum
 from training.config import TrainConfig
 
 Logger = Callable[[int, dict], None]  # (step, {name: [R] tensor})
@@ -45,7 +45,7 @@ def init_b_dec(tc: Transcoder, y_BLD: torch.Tensor) -> None:
 def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torch.Tensor,
           batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
           logger: Logger | None = None, progress=None, checkpoint=None,
-          run_names: list[str] | None = None, fused_adam: bool = False) -> dict:
+          run_names: list[str] | None = None, exact: bool = True) -> dict:
     """Train all runs of ``tc`` in place; returns the last logged values ([R] tensors) and,
     under ``"diverged"``, one entry per run: None or {"step": N, "reason": "..."}.
 
@@ -55,24 +55,41 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     diverges is frozen and named on stderr (``run_names``, else its index); the others go on
     exactly as if it were not there.
 
-    ``fused_adam`` takes PyTorch's fused Adam kernel: faster for large ensembles, but it
-    rounds an element differently depending on where it lies in the flat parameter, so a run
-    no longer trains bit for bit as it would alone (benchmarks/bench_ensemble.py)."""
-    tc.train()
+    With ``exact`` (the default) every run trains bit for bit as it would alone, whatever
+    ensemble it is in. ``exact=False`` is faster for large ensembles of small transcoders
+    (on the toy, one CPU thread: 7 vs 10.5 ms a step at 30 runs, 23 vs 56 at 360; see
+    benchmarks/bench_ensemble.py) but lets rounding depend on the ensemble: BLAS's batched
+    matmuls instead of ``run_matmul``, and the fused Adam kernel, which rounds an element
+    differently depending on where it lies in the flat parameter (max |Δ| 0.15 between a
+    run in a 30-run ensemble and alone after 1,000 steps)."""
     loss_cfg = LossPlan.build(loss_cfg, tc.n_runs)
-    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, **({"fused": True} if fused_adam
-                                                           else {"foreach": True}))
-    R, L, F = tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features
-    since_fired = torch.zeros(R, L, F, dtype=torch.long)
+    kernel = {"foreach": True, "fused": None} if exact else {"foreach": None, "fused": True}
+    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, **kernel)
+    since_fired = torch.zeros(tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features, dtype=torch.long)
     start = 0
     restored = checkpoint.restore(tc, opt) if checkpoint is not None else None
     if restored is not None:
         start, since_fired = restored
+        opt.param_groups[0].update(kernel)  # the checkpoint's choice of kernel is not ours
         for _ in range(start):
             next(batches)
         if progress is not None:
             progress.update(start)
     guard = DivergenceGuard(tc, opt, cfg.divergence_factor, run_names)
+    was_exact, tc.exact = tc.exact, exact
+    tc.train()
+    try:
+        last = _loop(tc, opt, guard, loss_cfg, coefs_R, batches, cfg, start, since_fired,
+                     logger, progress, checkpoint)
+    finally:
+        tc.exact = was_exact
+        tc.eval()
+    return last | {"diverged": guard.report()}
+
+
+def _loop(tc, opt, guard, loss_cfg, coefs_R, batches, cfg, start, since_fired, logger,
+          progress, checkpoint) -> dict:
+    """Step, log if due, checkpoint if due; returns the last logged values."""
     last: dict = {}
     for step in range(start, cfg.steps):
         parts, out = _step(tc, opt, loss_cfg, coefs_R, next(batches), since_fired, step, cfg,
@@ -94,8 +111,7 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
             raise KeyboardInterrupt(f"stopped after step {step + 1}; saved {checkpoint.path}")
         if checkpoint is not None and checkpoint.due(step, cfg.steps):
             checkpoint.save(step + 1, tc, opt, since_fired)
-    tc.eval()
-    return last | {"diverged": guard.report()}
+    return last
 
 
 def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg, guard):
@@ -119,7 +135,8 @@ def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg, guard):
 
 class DivergenceGuard:
     """Stops runs whose loss, gradients or weights stop being finite, or whose loss grows
-    past ``factor`` times its first value, without disturbing the other runs.
+    past ``factor`` times its first value, without disturbing the other runs. The check runs
+    before Adam's step, so a run never takes a non-finite update.
 
     A stopped run is frozen: its gradients are zeroed before every Adam step (so nothing
     non-finite enters Adam's moments) and its tensors are written back after it, at the
@@ -136,6 +153,7 @@ class DivergenceGuard:
         state = opt.param_groups[0].setdefault(self.KEY, {"first_loss": None, "runs": {}})
         self.state = state
         self.frozen: dict[str, torch.Tensor] = {}
+        self.limit_R: torch.Tensor | None = None  # set at the first check
         self.idx = torch.tensor([int(r) for r in state["runs"]], dtype=torch.long)
         if len(self.idx):  # resumed: the checkpoint holds the frozen values
             self._snapshot()
@@ -151,39 +169,55 @@ class DivergenceGuard:
 
     @torch.no_grad()
     def check(self, step: int, loss_R: torch.Tensor) -> None:
-        """Catch new divergences from this step's loss and gradients (before Adam uses them),
-        then zero the gradients of every stopped run."""
-        R = loss_R.shape[0]
+        """Catch new divergences from this step's loss, gradients and weights (before Adam
+        uses them); stopped runs get zero gradients."""
         if self.state["first_loss"] is None:
             self.state["first_loss"] = [float(v) if math.isfinite(v) else None
                                         for v in loss_R.tolist()]
-        grads_ok = torch.ones(R, dtype=torch.bool)
-        for p in self.tc.parameters():
-            if p.grad is not None:
-                grads_ok &= p.grad.isfinite().view(R, -1).all(1)
-        loss_ok = loss_R.isfinite()
-        bad = ~(loss_ok & grads_ok)
-        if self.factor > 0:
-            first = torch.tensor([math.inf if v is None else v
-                                  for v in self.state["first_loss"]])
-            bad |= loss_R > self.factor * first
+        if self.limit_R is None:  # factor x first loss, else the largest finite loss
+            big = torch.finfo(loss_R.dtype).max
+            self.limit_R = torch.tensor(
+                [big if v is None or self.factor == 0 else min(big, self.factor * v)
+                 for v in self.state["first_loss"]], dtype=loss_R.dtype)
+        params = list(self.tc.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.idx.numel():
+            for g in grads:
+                g[self.idx] = 0
+        bad = ~(loss_R <= self.limit_R)  # NaN compares false: caught too
+        # One sum of norms over every gradient and weight: finite in the common case, and
+        # only then (or on a blow-up past ~1e19, which _finite_R tells apart) not. A few ops
+        # for the whole ensemble, where a per-run check would cost several per tensor.
+        norms = torch._foreach_norm(grads + params)
+        tensors_ok = bool(torch.stack(norms).sum().isfinite())
+        finite_R = torch.ones_like(bad) if tensors_ok else self._finite_R(grads + params)
+        bad |= ~finite_R
         if self.idx.numel():
             bad[self.idx] = False
         if bool(bad.any()):
-            new = bad.nonzero().flatten().tolist()
-            for r in new:
-                reason = (f"loss {float(loss_R[r]):g}" if not bool(loss_ok[r]) else
-                          "non-finite gradient" if not bool(grads_ok[r]) else
-                          f"loss {float(loss_R[r]):.4g} > {self.factor:g} x first loss "
-                          f"{self.state['first_loss'][r]:.4g}")
-                self.state["runs"][str(r)] = {"step": step, "reason": reason}
-                print(f"clt-eval: warning: run {self.names[r]} diverged at step {step} "
-                      f"({reason}); the other runs go on", file=sys.stderr)
-            self._freeze(new)
-        if self.idx.numel():
-            for p in self.tc.parameters():
-                if p.grad is not None:
-                    p.grad[self.idx] = 0
+            self._stop(step, bad.nonzero().flatten().tolist(), loss_R, finite_R)
+            for g in grads:
+                g[self.idx] = 0
+
+    def _finite_R(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """[R] bool: are all of a run's values finite?"""
+        R = self.tc.n_runs
+        ok = torch.ones(R, dtype=torch.bool)
+        for t in tensors:
+            ok &= t.detach().isfinite().view(R, -1).all(1)
+        return ok
+
+    def _stop(self, step: int, runs: list[int], loss_R, finite_R) -> None:
+        for r in runs:
+            loss = float(loss_R[r])
+            reason = (f"loss {loss:g}" if not math.isfinite(loss) else
+                      "non-finite gradient or weight" if not bool(finite_R[r]) else
+                      f"loss {loss:.4g} > {self.factor:g} x first loss "
+                      f"{self.state['first_loss'][r]:.4g}")
+            self.state["runs"][str(r)] = {"step": step, "reason": reason}
+            print(f"clt-eval: warning: run {self.names[r]} diverged at step {step} "
+                  f"({reason}); the other runs go on", file=sys.stderr)
+        self._freeze(runs)
 
     def _freeze(self, runs: list[int]) -> None:
         """Add ``runs`` to the frozen set, zeroing any of their tensors that is not finite."""

@@ -90,7 +90,7 @@ def matched_l0_search(runner, spec, grid_records: list[dict]) -> dict:
         recs = runner.run(list(dict.fromkeys(s for row in specs for s in row)),
                           "matched-L0 bisection")
         by_id = {r["run_id"]: r["metrics"]["l0_total"] for r in recs}
-        return [float(np.mean([by_id[run_id(s)] for s in row])) for row in specs]
+        return [_mean([by_id[run_id(s)] for s in row]) for row in specs]
 
     if brackets:
         brackets = bisect_log(mean_l0, brackets, [k[2] for k in keys], m.iterations)
@@ -139,7 +139,7 @@ def _train_finals(runner, found: list[dict], seeds: int) -> None:
     by_id = {r["run_id"]: r for r in runner.run(unique, "matched-L0 runs")}
     for e, specs in finals:
         e["run_ids"] = [run_id(s) for s in specs]
-        e["l0_reached"] = float(np.mean([by_id[i]["metrics"]["l0_total"] for i in e["run_ids"]]))
+        e["l0_reached"] = _mean([by_id[i]["metrics"]["l0_total"] for i in e["run_ids"]])
 
 
 def _base(setting: dict):
@@ -177,8 +177,8 @@ def _extend(runner, m, curves: dict, targets: list[float]) -> dict:
             for sp in row:
                 by_lam.setdefault(sp.sparsity_coef, []).append(
                     recs[run_id(sp)]["metrics"]["l0_total"])
-            curves[key] = sorted(curves[key] + [(lam, float(np.mean(v)))
-                                                for lam, v in by_lam.items()])
+            curves[key] = sorted(curves[key] + [(lam, _mean(v)) for lam, v in by_lam.items()
+                                                if not math.isnan(_mean(v))])
     return curves
 
 
@@ -198,8 +198,14 @@ def _grid_curves(records: list[dict], width: int) -> dict:
             continue
         acc.setdefault((setting_key(spec), spec.arch), {}).setdefault(knob(r), []).append(
             r["metrics"]["l0_total"])
-    return {k: [(kn, float(np.mean(v))) for kn, v in sorted(pts.items())]
+    return {k: [(kn, _mean(v)) for kn, v in sorted(pts.items()) if not math.isnan(_mean(v))]
             for k, pts in acc.items()}
+
+
+def _mean(values) -> float:
+    """Mean L0 over seeds, leaving out diverged runs (their L0 is None); NaN if none is left."""
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def _closest(points, target, name) -> dict:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch import nn
-from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 from clt_eval.case_study import Circuit, GroundTruthLayer
 
@@ -30,69 +27,28 @@ HALF_XOR_NAMES = ("a+b-", "a-b+", "c+d-", "c-d+")
 OUTPUT_NAME = "y=XOR(a,b)&XOR(c,d)"
 
 
-class _MLP(nn.Module):
-    def __init__(self, W_in: torch.Tensor, W_out: torch.Tensor):
-        super().__init__()
-        self.W_in = nn.Parameter(W_in, requires_grad=False)  # [D, H]
-        self.W_out = nn.Parameter(W_out, requires_grad=False)  # [H, D]
-        self.hook_pre = HookPoint()
-        self.hook_post = HookPoint()
-
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return self.hook_post(self.hook_pre(x_ND @ self.W_in).relu()) @ self.W_out
-
-
-class _Block(nn.Module):
-    def __init__(self, mlp: _MLP):
-        super().__init__()
-        self.mlp = mlp
-        self.hook_resid_pre = HookPoint()
-        self.hook_resid_mid = HookPoint()  # no attention: the MLP reads the stream as is
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
-
-    def forward(self, resid: torch.Tensor) -> torch.Tensor:
-        resid = self.hook_resid_mid(self.hook_resid_pre(resid))
-        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(resid)))
-
-
-def _mlp0() -> _MLP:
+def _mlp0() -> tuple[torch.Tensor, None, torch.Tensor]:
     W_in = torch.zeros(D_MODEL, 4)
     for j, (i, sign) in enumerate([(0, 1), (0, -1), (2, 1), (2, -1)]):
         W_in[i, j], W_in[i + 1, j], W_in[BIAS, j] = sign, -sign, -1.0
     W_out = torch.zeros(4, D_MODEL)
     W_out[torch.arange(4), H0 + torch.arange(4)] = 1.0
-    return _MLP(W_in, W_out)
+    return W_in, None, W_out
 
 
-def _mlp1() -> _MLP:
+def _mlp1() -> tuple[torch.Tensor, None, torch.Tensor]:
     W_in = torch.zeros(D_MODEL, 1)
     W_in[H0:H0 + 4, 0], W_in[BIAS, 0] = 1.0, -1.0
     W_out = torch.zeros(1, D_MODEL)
     W_out[0, Y] = 2.0
-    return _MLP(W_in, W_out)
+    return W_in, None, W_out
 
 
-class BooleanTwoStepModel(HookedRootModule):
-    """inputs [N, 4] -> final residual stream [N, 10]."""
+def build_model():
+    """inputs [N, 4] -> final residual stream [N, 10], on the shared hooked MLP stack."""
+    from case_studies._mlp_stack import bias_embed, mlp_stack
 
-    def __init__(self):
-        super().__init__()
-        self.hook_embed = HookPoint()
-        self.blocks = nn.ModuleList([_Block(_mlp0()), _Block(_mlp1())])
-        self.setup()
-
-    def embed(self, inputs_N4: torch.Tensor) -> torch.Tensor:
-        resid = inputs_N4.new_zeros(inputs_N4.shape[0], D_MODEL)
-        resid[:, :4] = inputs_N4
-        resid[:, BIAS] = 1.0
-        return resid
-
-    def forward(self, inputs_N4: torch.Tensor) -> torch.Tensor:
-        resid = self.hook_embed(self.embed(inputs_N4))
-        for block in self.blocks:
-            resid = block(resid)
-        return resid
+    return mlp_stack([_mlp0(), _mlp1()], bias_embed(4, D_MODEL, BIAS))
 
 
 def all_inputs() -> torch.Tensor:
@@ -114,8 +70,8 @@ class BooleanTwoStep:
     # Off-distribution inputs: cube corners plus Gaussian noise of this size (docs/concepts.md §5).
     off_distribution_noise = 0.2
 
-    def model(self) -> BooleanTwoStepModel:
-        return BooleanTwoStepModel().eval()
+    def model(self):
+        return build_model()
 
     def inputs(self) -> torch.Tensor:
         return all_inputs()

@@ -31,10 +31,7 @@ effect is exactly linear there.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch import nn
 
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import require
@@ -72,56 +69,13 @@ def _weights(width: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(W0_in, W0_out), (W1_in, W1_out), (W2_in, W2_out)]
 
 
-@functools.cache
-def _model_class():
-    """The model class, built on first use: importing transformer_lens takes seconds, and
-    listing case studies imports this module."""
-    from transformer_lens import HookedRootModule
-    from transformer_lens.hook_points import HookPoint
+def _build_model(width: int, seed: int):
+    """inputs [N, 1] (x) -> final residual stream [N, 5], on the shared hooked MLP stack (it
+    imports transformer_lens only now, not when case studies are listed)."""
+    from case_studies._mlp_stack import bias_embed, mlp_stack
 
-    class MLP(nn.Module):
-        def __init__(self, W_in: torch.Tensor, W_out: torch.Tensor):
-            super().__init__()
-            self.W_in = nn.Parameter(W_in, requires_grad=False)  # [D, H]
-            self.W_out = nn.Parameter(W_out, requires_grad=False)  # [H, D]
-            self.hook_pre = HookPoint()
-            self.hook_post = HookPoint()
-
-        def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-            return self.hook_post(self.hook_pre(x_ND @ self.W_in).relu()) @ self.W_out
-
-    class Block(nn.Module):
-        def __init__(self, mlp: MLP):
-            super().__init__()
-            self.mlp = mlp
-            self.hook_resid_pre = HookPoint()
-            self.hook_resid_mid = HookPoint()  # no attention: the MLP reads the stream as is
-            self.hook_mlp_out = HookPoint()
-            self.hook_resid_post = HookPoint()
-
-        def forward(self, resid: torch.Tensor) -> torch.Tensor:
-            resid = self.hook_resid_mid(self.hook_resid_pre(resid))
-            return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(resid)))
-
-    class MlpInTheMiddleModel(HookedRootModule):
-        """inputs [N, 1] (x) -> final residual stream [N, 5]."""
-
-        def __init__(self, width: int = 1, seed: int = 0):
-            super().__init__()
-            self.hook_embed = HookPoint()
-            self.blocks = nn.ModuleList([Block(MLP(*w)) for w in _weights(width, seed)])
-            self.setup()
-
-        def forward(self, inputs_N1: torch.Tensor) -> torch.Tensor:
-            resid = inputs_N1.new_zeros(inputs_N1.shape[0], D_MODEL)
-            resid[:, X] = inputs_N1[:, 0]
-            resid[:, BIAS] = 1.0
-            resid = self.hook_embed(resid)
-            for block in self.blocks:
-                resid = block(resid)
-            return resid
-
-    return MlpInTheMiddleModel
+    return mlp_stack([(W_in, None, W_out) for W_in, W_out in _weights(width, seed)],
+                     bias_embed(1, D_MODEL, BIAS))
 
 
 class MlpInTheMiddle:
@@ -153,7 +107,7 @@ class MlpInTheMiddle:
 
     def model(self):
         """The true model, a TransformerLens HookedRootModule: inputs [N, 1] -> residual [N, 5]."""
-        return _model_class()(self.width, self.seed).eval()
+        return _build_model(self.width, self.seed)
 
     def _built(self):
         if self._model is None:

@@ -8,6 +8,7 @@ import torch
 
 from clt_eval import metrics as M
 from clt_eval.case_study import middle_layers, output_layer, step_at, steps
+from clt_eval.circuit_graph import circuit_scores
 from clt_eval.interventions import intervention_cases, projector
 from clt_eval.replacement import collect_mlp_io, run_replacement
 
@@ -60,8 +61,6 @@ def evaluate(case, tc, model=None, graph: bool = True) -> list[dict]:
     per_run["output_reads_inputs"] = _reads_inputs(case, tc, out, x)
     per_run |= _behaviour(case, model, tc, inputs, cache["output"])
     if graph:
-        from clt_eval.circuit_graph import circuit_scores
-
         per_run |= circuit_scores(case, tc, x, out.acts_RBLF, per_run["matches"])
     return [{k: _item(v, r) for k, v in per_run.items()} for r in range(tc.n_runs)]
 

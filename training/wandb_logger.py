@@ -31,7 +31,10 @@ def configure_wandb_dirs(root: Path) -> None:
 class WandbLogger:
     def __init__(self, mode: str, group: str, project: str = "clt-eval", root: Path | None = None):
         self.mode, self.group, self.project = mode, group, project
-        self.dir = _USER_WANDB_DIR or (str(root) if root is not None else None)
+        # A disabled run writes nothing: giving it a folder that does not exist yet only
+        # made wandb warn about a missing git root.
+        self.dir = None if mode == "disabled" else \
+            _USER_WANDB_DIR or (str(root) if root is not None else None)
         if root is not None and mode != "disabled":
             configure_wandb_dirs(root)
         self.run = None

@@ -199,3 +199,16 @@ def test_sweep_from_flags_trains_exactly_the_runs_its_flags_describe(tmp_path):
     data = json.loads((out / "sweep.json").read_text())
     assert len(data["runs"]) == 2 * 2 * 2  # arch × λ × seeds, no matched-L0 search
     assert data["matched_l0"] is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--seed", "1.5"], "invalid int value: '1.5'"),
+    (["convert", "a"], "required: dst, --to"),
+    (["no-such-command"], "invalid choice"),
+])
+def test_usage_errors_are_one_line_with_a_hint(args, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert needle in err[0] and "--help`" in err[0]

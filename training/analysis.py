@@ -1,7 +1,6 @@
-"""Pure functions that turn per-run records into the report's tables.
+"""Small pure helpers over per-run records, shared by the sweep's analysis and reports.
 
-A record is {"arch", "penalty", "decoder_norm", "sparsity_coef", "k", "seed", "metrics"} and
-optionally "setting", the label it is reported under.
+A record is {"arch", "penalty", "decoder_norm", "sparsity_coef", "k", "seed", "metrics"}.
 """
 
 from __future__ import annotations
@@ -11,14 +10,6 @@ import math
 import numpy as np
 
 NMSE_OK = 0.05  # a run must reconstruct this well to take part in a comparison
-
-
-def setting(rec: dict) -> str:
-    """The label a run is reported under: its own "setting", else penalty/decoder norm."""
-    if rec.get("setting"):
-        return rec["setting"]
-    return rec["penalty"] if rec["decoder_norm"] == "none" else \
-        f"{rec['penalty']}/{rec['decoder_norm']}"
 
 
 def knob(rec: dict) -> float:

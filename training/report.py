@@ -41,8 +41,6 @@ def prediction(analytic: dict, key: str) -> tuple[str, bool | None]:
 
 
 def _fmt(s) -> str:
-    if isinstance(s, dict):
-        return "–" if s["mean"] is None else f"{s['mean']:.2f} ± {s['sd']:.2f}"
     return "–" if s is None else (f"{s:.3g}" if isinstance(s, float) else str(s))
 
 

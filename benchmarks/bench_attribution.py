@@ -83,7 +83,7 @@ def main() -> None:
         "load_average_1min": os.getloadavg()[0],
     }
     if args.out:
-        from training.graph_plot import write_graph
+        from clt_eval.training.graph_plot import write_graph
 
         write_graph(g, args.out)
     print(json.dumps(report, indent=2))
@@ -91,7 +91,7 @@ def main() -> None:
 
 def pick_transcoder(model, args, tokens):
     """(transcoder, window, description)."""
-    from training.graph_plot import load_windowed_transcoder
+    from clt_eval.training.graph_plot import load_windowed_transcoder
 
     folder = Path(args.transcoder) if args.transcoder else None
     if folder is None and "smollm2" in args.model:

@@ -35,7 +35,7 @@ LAMBDAS = {"l1": (0.03, 0.3, 3.0), "tanh": (0.01, 0.1, 1.0)}
 
 
 def grid():
-    from training.config import RunSpec
+    from clt_eval.training.config import RunSpec
 
     return [RunSpec(arch=arch, penalty=pen, decoder_norm=norm, sparsity_coef=lam, seed=seed)
             for arch, pen, norm, seed in itertools.product(
@@ -53,12 +53,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    import case_studies  # noqa: F401  (registers the built-in case studies)
+    import clt_eval.case_studies  # noqa: F401  (registers the built-in case studies)
     from clt_eval.case_study import load_case_study
     from clt_eval.transcoder import Transcoder
-    from training.config import TrainConfig
-    from training.experiment import case_data
-    from training.trainer import full_batches, init_b_dec, train
+    from clt_eval.training.config import TrainConfig
+    from clt_eval.training.experiment import case_data
+    from clt_eval.training.trainer import full_batches, init_b_dec, train
 
     case = load_case_study("boolean_two_step")
     x, y = case_data(case, case.model())

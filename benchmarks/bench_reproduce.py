@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "training.cli"]
+CLI = [sys.executable, "-m", "clt_eval.training.cli"]
 
 
 def timed(args: list[str]) -> tuple[float, float, str]:

@@ -30,10 +30,10 @@ def main() -> None:
 
     import torch
 
-    from training.config import RunSpec
-    from training.experiment import train_group
-    from training.sweep import run_sweep
-    from training.sweep_spec import load_spec
+    from clt_eval.training.config import RunSpec
+    from clt_eval.training.experiment import train_group
+    from clt_eval.training.sweep import run_sweep
+    from clt_eval.training.sweep_spec import load_spec
 
     spec = load_spec(args.spec)
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +43,7 @@ def main() -> None:
         runs = [RunSpec(**r["spec"]) for r in json.loads(result["sweep"].read_text())["runs"]]
     torch.set_num_threads(1)  # as run_sweep does
     from clt_eval.case_study import load_case_study
-    from training.experiment import case_data
+    from clt_eval.training.experiment import case_data
 
     case = load_case_study(spec.case_study)
     model = case.model()

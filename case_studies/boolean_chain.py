@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from case_studies import _mlp_stack as stack
+from clt_eval.case_studies import _mlp_stack as stack
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import CltEvalError
 
@@ -181,6 +181,6 @@ class BooleanChain:
 
     def analytic_decompositions(self) -> dict:
         """Optional extra: exact hand-built decompositions to price (boolean_chain_costs)."""
-        from case_studies.boolean_chain_costs import decompositions
+        from clt_eval.case_studies.boolean_chain_costs import decompositions
 
         return decompositions(self.k)

@@ -48,7 +48,7 @@ import math
 
 import torch
 
-from case_studies import _mlp_stack as stack
+from clt_eval.case_studies import _mlp_stack as stack
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import CltEvalError
 

@@ -46,7 +46,7 @@ def _mlp1() -> tuple[torch.Tensor, None, torch.Tensor]:
 
 def build_model():
     """inputs [N, 4] -> final residual stream [N, 10], on the shared hooked MLP stack."""
-    from case_studies._mlp_stack import bias_embed, mlp_stack
+    from clt_eval.case_studies._mlp_stack import bias_embed, mlp_stack
 
     return mlp_stack([_mlp0(), _mlp1()], bias_embed(4, D_MODEL, BIAS))
 
@@ -96,7 +96,7 @@ class BooleanTwoStep:
 
     def analytic_decompositions(self) -> dict:
         """Optional extra: the exact hand-built decompositions to price (docs/concepts.md §4)."""
-        from case_studies.boolean_two_step_costs import decompositions
+        from clt_eval.case_studies.boolean_two_step_costs import decompositions
 
         return decompositions()
 

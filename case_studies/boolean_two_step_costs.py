@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from case_studies.boolean_two_step import BIAS, D_MODEL, H0, Y, all_inputs
+from clt_eval.case_studies.boolean_two_step import BIAS, D_MODEL, H0, Y, all_inputs
 from clt_eval.costs import Feature, hand_built
 from clt_eval.transcoder import Transcoder
 

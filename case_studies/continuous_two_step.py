@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from case_studies import _mlp_stack as stack
+from clt_eval.case_studies import _mlp_stack as stack
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import CltEvalError
 

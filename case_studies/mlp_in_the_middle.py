@@ -72,7 +72,7 @@ def _weights(width: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _build_model(width: int, seed: int):
     """inputs [N, 1] (x) -> final residual stream [N, 5], on the shared hooked MLP stack (it
     imports transformer_lens only now, not when case studies are listed)."""
-    from case_studies._mlp_stack import bias_embed, mlp_stack
+    from clt_eval.case_studies._mlp_stack import bias_embed, mlp_stack
 
     return mlp_stack([(W_in, None, W_out) for W_in, W_out in _weights(width, seed)],
                      bias_embed(1, D_MODEL, BIAS))

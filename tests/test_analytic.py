@@ -42,7 +42,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def decomps():
-    from case_studies.boolean_two_step_costs import decompositions
+    from clt_eval.case_studies.boolean_two_step_costs import decompositions
 
     return decompositions()
 

@@ -267,7 +267,7 @@ def test_json_round_trip(setup, tmp_path):
 
 
 def test_write_graph_prunes_and_draws(setup, tmp_path):
-    from training.graph_plot import write_graph
+    from clt_eval.training.graph_plot import write_graph
 
     _, _, g, _ = setup
     paths = write_graph(g, tmp_path / "out")
@@ -295,7 +295,7 @@ def test_bad_input_is_one_line(tiny_lm, tokens):
 def test_make_graph_writes_files_or_nothing(tmp_path):
     """`clt-eval graph`'s job: a saved windowed transcoder, a model by name, a prompt."""
     from clt_eval.formats.native import save_native
-    from training.graph_plot import make_graph
+    from clt_eval.training.graph_plot import make_graph
 
     good = save_native(_tc("clt", (1, 2)), LayerWindow((1, 2)), tmp_path / "good")
     paths = make_graph(good, "tiny", "To be or not", tmp_path / "out", max_logits=3)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from case_studies.boolean_chain import BooleanChain
-from case_studies.boolean_superposition import BooleanSuperposition
-from case_studies.continuous_two_step import ContinuousTwoStep
+from clt_eval.case_studies.boolean_chain import BooleanChain
+from clt_eval.case_studies.boolean_superposition import BooleanSuperposition
+from clt_eval.case_studies.continuous_two_step import ContinuousTwoStep
 from clt_eval.case_study import load_case_study
 from clt_eval.contract import check_case_study
 from clt_eval.costs import sparsity_costs
@@ -114,7 +114,7 @@ def test_chain_firing_rates_follow_from_independence(chains):
 
 
 def test_chain_k2_is_the_two_step_toy(chains):
-    from case_studies.boolean_two_step import BooleanTwoStep
+    from clt_eval.case_studies.boolean_two_step import BooleanTwoStep
 
     toy = BooleanTwoStep()
     case, (x, y, hidden, out) = chains[2]
@@ -137,10 +137,10 @@ def test_chain_meets_contract_and_circuit_runs_forward(k):
 
 
 def test_chain_loads_by_name_with_arguments():
-    case = load_case_study("case_studies.boolean_chain:BooleanChain@k=4", validate=True)
+    case = load_case_study("clt_eval.case_studies.boolean_chain:BooleanChain@k=4", validate=True)
     assert case.k == 4 and case.n_layers == 4 and len(case.ground_truth()) == 4
     with pytest.raises(CltEvalError, match="k=9"):
-        load_case_study("case_studies.boolean_chain:BooleanChain@k=9")
+        load_case_study("clt_eval.case_studies.boolean_chain:BooleanChain@k=9")
 
 
 @pytest.mark.parametrize("k", [1, 6, 0, "3", 3.0, True, None])
@@ -260,7 +260,7 @@ def test_superposition_is_real_and_the_readout_needs_its_relu(params, superposit
 
 def test_superposition_contract_name_loading_and_bad_parameters():
     check_case_study(BooleanSuperposition())
-    case = load_case_study("case_studies.boolean_superposition:BooleanSuperposition"
+    case = load_case_study("clt_eval.case_studies.boolean_superposition:BooleanSuperposition"
                            "@n_pairs=4,d_mid=3", validate=True)
     assert (case.n_pairs, case.d_mid, case.d_model) == (4, 3, 13)
     for kwargs, field in [({"n_pairs": 1}, "n_pairs"), ({"n_pairs": 6}, "n_pairs"),
@@ -310,7 +310,7 @@ def test_continuous_off_distribution_is_wider(continuous):
 
 
 def test_continuous_loads_by_name_and_rejects_bad_parameters():
-    case = load_case_study("case_studies.continuous_two_step:ContinuousTwoStep"
+    case = load_case_study("clt_eval.case_studies.continuous_two_step:ContinuousTwoStep"
                            "@n_samples=64,seed=3")
     assert case.inputs().shape == (64, 4) and case.seed == 3
     for kwargs, field in [({"n_samples": 8}, "n_samples"), ({"n_samples": "64"}, "n_samples"),
@@ -321,7 +321,7 @@ def test_continuous_loads_by_name_and_rejects_bad_parameters():
 
 # ---- the shared hooked stack --------------------------------------------------------------
 def test_mlp_stack_rejects_mismatched_shapes():
-    from case_studies._mlp_stack import bias_embed, mlp_stack
+    from clt_eval.case_studies._mlp_stack import bias_embed, mlp_stack
 
     good = (torch.zeros(5, 2), None, torch.zeros(2, 5))
     with pytest.raises(CltEvalError, match="layer 1 W_out"):

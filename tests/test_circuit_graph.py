@@ -33,7 +33,7 @@ def score(case, model, tc, **kw):
 # ---- the Boolean two-step toy -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def decomps():
-    from case_studies.boolean_two_step_costs import decompositions
+    from clt_eval.case_studies.boolean_two_step_costs import decompositions
 
     return decompositions()
 
@@ -91,8 +91,8 @@ def test_ensemble_scores_each_run_as_alone(case, model, decomps):
 
 def _with_leak(decomps, scale: float) -> Transcoder:
     """faithful as a CLT plus 4 unmatched layer-0 corner features that also write y."""
-    from case_studies.boolean_two_step import BIAS, D_MODEL, Y
-    from case_studies.boolean_two_step_costs import WIDTH
+    from clt_eval.case_studies.boolean_two_step import BIAS, D_MODEL, Y
+    from clt_eval.case_studies.boolean_two_step_costs import WIDTH
 
     base = decomps["faithful"]
     tc = Transcoder([TranscoderConfig(d_model=D_MODEL, n_layers=2, n_features=WIDTH)])
@@ -220,7 +220,7 @@ class ThreeStepChain:
         return _chain_model()
 
     def inputs(self):
-        from case_studies.boolean_two_step import all_inputs
+        from clt_eval.case_studies.boolean_two_step import all_inputs
 
         return all_inputs()
 

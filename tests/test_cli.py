@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from training.cli import main
+from clt_eval.training.cli import main
 
 
 def _run(args, capsys):
@@ -132,7 +132,7 @@ def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys)
     from clt_eval.formats import load_any, save_as
     from clt_eval.lm.window import LayerWindow
     from clt_eval.transcoder import Transcoder
-    from training.cli import main
+    from clt_eval.training.cli import main
 
     tc = Transcoder([TranscoderConfig(d_model=8, n_layers=3, n_features=5, arch="clt")])
     src = save_as(tc, LayerWindow((2, 3, 4)), tmp_path / "src", "clt-eval")
@@ -158,7 +158,7 @@ def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys)
 ])
 def test_sweep_bad_input_exits_2_in_one_line_and_starts_nothing(tmp_path, capsys, spec, flags,
                                                                 needle):
-    from training.cli import main
+    from clt_eval.training.cli import main
 
     path = tmp_path / "spec.toml"
     path.write_text(spec)

@@ -13,8 +13,8 @@ from clt_eval.lm import graph as G
 from clt_eval.lm import graph_metrics as GM
 from clt_eval.lm.window import LayerWindow
 from clt_eval.transcoder import Transcoder
-from training import compare_interventions as CI
-from training.compare import PromptSpec, compare, load_prompts
+from clt_eval.training import compare_interventions as CI
+from clt_eval.training.compare import PromptSpec, compare, load_prompts
 
 
 def _tc(arch, n_layers, seed=0) -> Transcoder:
@@ -133,7 +133,7 @@ def test_effect_agreement_by_hand():
 def test_window_prune_counts_outside_errors_as_inputs():
     """An error node of an MLP outside the window carries most of the answer's input: ranked
     with the features it leaves none; counted as an input, both features stay."""
-    from training.compare import window_prune
+    from clt_eval.training.compare import window_prune
 
     A = torch.zeros(5, 5)  # [f0, f1 (model layer 10), error (layer 5), embedding, logit]
     A[4, 2], A[4, 0], A[4, 1], A[0, 3], A[1, 3] = 100.0, 1.0, 1.0, 1.0, 1.0

@@ -9,9 +9,9 @@ import torch
 
 from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder
-from training.checkpoint import Checkpoint
-from training.config import RunSpec, TrainConfig
-from training.trainer import full_batches, init_b_dec, train
+from clt_eval.training.checkpoint import Checkpoint
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 B, L, D, F = 13, 3, 7, 5
 SPECS = [RunSpec(arch="clt", penalty="l1", sparsity_coef=0.01, seed=0, n_features=F),
@@ -157,7 +157,7 @@ class _Logger:
 def test_train_group_records_a_diverged_run_without_nan_and_saves_nothing(case, model, toy_io,
                                                                           tmp_path):
     """λ = 10⁶ makes the penalty explode as soon as λ's warm-up starts (step 1)."""
-    from training.experiment import run_id, train_log_save
+    from clt_eval.training.experiment import run_id, train_log_save
 
     specs = [RunSpec(arch="clt", penalty="l1", sparsity_coef=0.01, seed=0),
              RunSpec(arch="plt", penalty="l1", sparsity_coef=1e6, seed=1),

@@ -16,7 +16,7 @@ class Study:
     """A case study, its model, its patching pairs and their counterfactual outputs."""
 
     def __init__(self, width: int):
-        from case_studies.mlp_in_the_middle import MlpInTheMiddle
+        from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
 
         self.case = MlpInTheMiddle(width=width)
         self.model = self.case.model()
@@ -54,14 +54,14 @@ def wide():
 
 @pytest.mark.parametrize("width", [1, 64])
 def test_meets_the_case_study_contract(width):
-    from case_studies.mlp_in_the_middle import MlpInTheMiddle
+    from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
     from clt_eval.contract import check_case_study
 
     check_case_study(MlpInTheMiddle(width=width))
 
 
 def test_width_is_validated():
-    from case_studies.mlp_in_the_middle import MlpInTheMiddle
+    from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
 
     with pytest.raises(CltEvalError, match="width=0"):
         MlpInTheMiddle(width=0)

@@ -20,7 +20,7 @@ def one_line(exc_info) -> str:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from training.patch_job import run_patch
+    from clt_eval.training.patch_job import run_patch
 
     out = tmp_path_factory.mktemp("patch") / "out"
     result = run_patch("mlp_in_the_middle", out, wandb_mode="offline", progress=False, **FAST)
@@ -101,7 +101,7 @@ def test_matched_decoder_directions_are_no_illusion(job):
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path):
-    from training.patch_job import run_patch
+    from clt_eval.training.patch_job import run_patch
 
     f = tmp_path / "taken"
     f.write_text("keep me")
@@ -118,7 +118,7 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     ({"case_study": ""}, "case_study"), ({"max_pairs": 1}, "max_pairs=1"),
 ])
 def test_config_is_validated(kwargs, field):
-    from training.patch_job import PatchConfig
+    from clt_eval.training.patch_job import PatchConfig
 
     with pytest.raises(CltEvalError, match=field) as exc:
         PatchConfig(**kwargs)
@@ -126,7 +126,7 @@ def test_config_is_validated(kwargs, field):
 
 
 def test_job_refuses_bad_options_before_writing(tmp_path):
-    from training.patch_job import run_patch
+    from clt_eval.training.patch_job import run_patch
 
     out = tmp_path / "out"
     with pytest.raises(CltEvalError, match="run_patch") as exc:
@@ -144,7 +144,7 @@ def test_job_refuses_bad_options_before_writing(tmp_path):
 
 @pytest.fixture(scope="module")
 def distilled():
-    from case_studies.mlp_in_the_middle import MlpInTheMiddle
+    from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
 
     case = MlpInTheMiddle()
     model = case.model()
@@ -153,7 +153,7 @@ def distilled():
 
 
 def test_bad_directions_fail_as_one_line_naming_the_argument(distilled):
-    from training.patch_job import study_direction
+    from clt_eval.training.patch_job import study_direction
 
     case, model, base, source, cf = distilled
     meta = {"label": "probe"}
@@ -171,8 +171,8 @@ def test_bad_directions_fail_as_one_line_naming_the_argument(distilled):
 
 
 def test_a_case_study_naming_a_missing_hook_is_refused(distilled):
-    from case_studies.mlp_in_the_middle import MlpInTheMiddle
-    from training.patch_job import PatchConfig, case_directions
+    from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
+    from clt_eval.training.patch_job import PatchConfig, case_directions
 
     class Broken(MlpInTheMiddle):
         mlp_hook = "blocks.1.mlp.hook_nowhere"
@@ -184,7 +184,7 @@ def test_a_case_study_naming_a_missing_hook_is_refused(distilled):
 
 
 def test_readers_fall_back_to_the_case_study_then_the_identity(distilled):
-    from training.patch_job import reader
+    from clt_eval.training.patch_job import reader
 
     case, model, *_ = distilled
     desc, W = reader(case, model, [1, 2])
@@ -204,7 +204,7 @@ def test_feature_pairs_isolate_one_feature(case, model):
     """Boolean two-step: for each half-XOR, pairs where only it changes, so patching the
     whole MLP0 output reproduces exactly that feature's counterfactual."""
     from clt_eval.case_study import step_at
-    from training.patch_job import candidate_pairs, feature_pairs
+    from clt_eval.training.patch_job import candidate_pairs, feature_pairs
 
     base, source = candidate_pairs(case)
     assert len(base) == 16 * 15  # no pairs named: every ordered pair of distinct inputs
@@ -222,7 +222,7 @@ def test_feature_pairs_isolate_one_feature(case, model):
 
 @pytest.mark.slow
 def test_job_on_a_case_study_without_a_hidden_space(tmp_path):
-    from training.patch_job import run_patch
+    from clt_eval.training.patch_job import run_patch
 
     out = tmp_path / "bool"
     run_patch("boolean_two_step", out, wandb_mode="disabled", progress=False, seeds=1,

@@ -17,13 +17,13 @@ from clt_eval.case_study import (
     parse_name,
 )
 from clt_eval.errors import CltEvalError
-from training.cli import main
+from clt_eval.training.cli import main
 
 # A two-step plugin written against the first contract (middle_layer/output_layer), with
 # switches that break one thing each.
 PLUGIN = '''
 import torch
-from case_studies.boolean_two_step import BooleanTwoStep
+from clt_eval.case_studies.boolean_two_step import BooleanTwoStep
 from clt_eval.case_study import GroundTruthLayer
 
 

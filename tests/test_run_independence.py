@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clt_eval.transcoder import Transcoder, row_sum, run_matmul
-from training.config import RunSpec, TrainConfig
-from training.trainer import full_batches, init_b_dec, train
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 B, L, D, F = 13, 3, 7, 5
 

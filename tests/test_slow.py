@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.cli import main
+from clt_eval.training.cli import main
 
 
 @pytest.mark.slow

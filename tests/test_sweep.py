@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clt_eval.tracking import match_neighbours, stop_index, track
-from training import sweep_analysis as A
-from training.matched_l0 import Bracket, bisect_log, initial_bracket
+from clt_eval.training import sweep_analysis as A
+from clt_eval.training.matched_l0 import Bracket, bisect_log, initial_bracket
 
 
 # ---- bisection ---------------------------------------------------------------------------
@@ -51,10 +51,10 @@ def test_bisection_keeps_the_bracket_and_reports_targets_outside_the_grid():
 def test_grid_is_extended_a_decade_at_a_time_until_it_reaches_the_targets():
     """A case study whose L0 stays above the targets at the grid's largest λ gets larger λ
     (at most two decades more), trained through the runner like any other point."""
-    from training.config import RunSpec
-    from training.experiment import run_id
-    from training.matched_l0 import _extend, setting_key
-    from training.sweep_spec import MatchedL0Spec
+    from clt_eval.training.config import RunSpec
+    from clt_eval.training.experiment import run_id
+    from clt_eval.training.matched_l0 import _extend, setting_key
+    from clt_eval.training.sweep_spec import MatchedL0Spec
 
     class Runner:
         calls: list = []
@@ -145,7 +145,7 @@ RESUME_SPEC = {
 
 def _count_steps(monkeypatch, stop_at=None, runner_box=None):
     """Patch the trainer's step to count steps, and optionally ask for a stop at one."""
-    import training.trainer as T
+    import clt_eval.training.trainer as T
 
     real, count = T._step, {"n": 0}
 
@@ -160,8 +160,8 @@ def _count_steps(monkeypatch, stop_at=None, runner_box=None):
 
 
 def test_interrupted_sweep_resumes_without_losing_or_repeating_a_step(tmp_path, monkeypatch):
-    from training import sweep as S
-    from training.sweep_spec import parse_spec
+    from clt_eval.training import sweep as S
+    from clt_eval.training.sweep_spec import parse_spec
 
     spec = parse_spec(RESUME_SPEC)
     monkeypatch.setattr(S, "CHECKPOINT_EVERY", 10)
@@ -196,8 +196,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_a_step(tmp_path, 
 
 
 def test_matched_l0_search_shares_points_and_replays_from_the_record(tmp_path):
-    from training.sweep import run_sweep
-    from training.sweep_spec import parse_spec
+    from clt_eval.training.sweep import run_sweep
+    from clt_eval.training.sweep_spec import parse_spec
 
     # Two grid points only: both targets start in the same bracket, at the same midpoint.
     spec = parse_spec({"name": "m", "train": {"steps": 40, "log_every": 0},

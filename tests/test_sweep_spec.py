@@ -5,7 +5,7 @@ import json
 import pytest
 
 from clt_eval.errors import CltEvalError
-from training.sweep_spec import load_spec, log_grid, parse_spec
+from clt_eval.training.sweep_spec import load_spec, log_grid, parse_spec
 
 TOML = """
 name = "t"

@@ -27,7 +27,7 @@ def test_inputs_are_the_whole_cube(case):
 
 
 def test_truth_table_matches_boolean_definition(case, model):
-    import case_studies.boolean_two_step as toy
+    import clt_eval.case_studies.boolean_two_step as toy
 
     x = case.inputs()
     # Independent Boolean definition: y = 2 · [XOR(a,b) ∧ XOR(c,d)], one input at a time.

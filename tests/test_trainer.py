@@ -9,9 +9,9 @@ import torch
 
 from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder
-from training.config import ReproduceConfig, RunSpec, TrainConfig
-from training.experiment import group_specs
-from training.trainer import full_batches, init_b_dec, lambda_factor, lr_factor, train
+from clt_eval.training.config import ReproduceConfig, RunSpec, TrainConfig
+from clt_eval.training.experiment import group_specs
+from clt_eval.training.trainer import full_batches, init_b_dec, lambda_factor, lr_factor, train
 
 
 def test_lr_warms_up_then_decays_to_final_fraction():
@@ -96,7 +96,7 @@ def test_train_and_reproduce_configs_validate():
 
 
 def test_reproduce_spec_applies_overrides():
-    from training.reproduce import reproduce_spec
+    from clt_eval.training.reproduce import reproduce_spec
 
     spec = reproduce_spec(ReproduceConfig(seeds=3, n_features=8, steps=50), "boolean_chain@k=3")
     assert spec.case_study == "boolean_chain@k=3" and spec.train.steps == 50
@@ -106,7 +106,7 @@ def test_reproduce_spec_applies_overrides():
 
 
 def test_run_ids_are_unique_across_non_default_fields():
-    from training.experiment import run_id
+    from clt_eval.training.experiment import run_id
 
     a = RunSpec(penalty="tanh", activation="relu")
     b = RunSpec(penalty="tanh", activation="jumprelu")

@@ -9,8 +9,8 @@ import torch
 from clt_eval.config import LossConfig, TranscoderConfig
 from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder, structure_mask
-from training.config import TrainConfig
-from training.trainer import full_batches, init_b_dec, train
+from clt_eval.training.config import TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 D, L, F = 6, 3, 4
 

@@ -21,7 +21,7 @@ SMALL = {"n_entities": 64, "train_steps": 150}
 
 
 def _two_hop(**kwargs):
-    from case_studies.two_hop_transformer import TwoHopTransformer
+    from clt_eval.case_studies.two_hop_transformer import TwoHopTransformer
 
     return TwoHopTransformer(**kwargs)
 
@@ -165,7 +165,7 @@ def test_default_cache_root_follows_the_environment(two_hop, tmp_path, monkeypat
 
 def test_module_imports_no_model_library_at_top_level():
     """Listing two_hop studies imports this module: TransformerLens (~9 s) must wait for use."""
-    import case_studies.two_hop_transformer as module
+    import clt_eval.case_studies.two_hop_transformer as module
 
     tree = ast.parse(Path(module.__file__).read_text())
     names = [a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names]

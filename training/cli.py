@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from clt_eval.errors import CltEvalError
-from training.config import WANDB_MODES, ReproduceConfig, RunSpec, TrainConfig
+from clt_eval.training.config import WANDB_MODES, ReproduceConfig, RunSpec, TrainConfig
 
 # RunSpec fields that `train` accepts several values of, to train their product as a grid.
 GRID_FIELDS = ("arch", "sparsity_coef", "k", "seed")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reproduce(args) -> int:
-    from training.reproduce import format_headline, reproduce
+    from clt_eval.training.reproduce import format_headline, reproduce
 
     cfg = ReproduceConfig(**_values(args, ReproduceConfig))
     result = reproduce(cfg)
@@ -195,7 +195,7 @@ def _reproduce(args) -> int:
 
 
 def _train(args) -> int:
-    from training.runs import train_grid
+    from clt_eval.training.runs import train_grid
 
     base = _values(args, RunSpec, skip=GRID_FIELDS)
     grid = [getattr(args, name) for name in GRID_FIELDS]
@@ -210,7 +210,7 @@ def _train(args) -> int:
 
 
 def _train_lm(args, specs, train_cfg) -> int:
-    from training.lm_train import LMDataConfig, train_on_model
+    from clt_eval.training.lm_train import LMDataConfig, train_on_model
 
     if args.layers is None:
         raise CltEvalError("--layers: required with --model; expected model layer indices")
@@ -225,7 +225,7 @@ def _train_lm(args, specs, train_cfg) -> int:
 
 
 def _sweep(args) -> int:
-    from training.sweep_spec import DEFAULT_SPEC, parse_spec, read_spec_file
+    from clt_eval.training.sweep_spec import DEFAULT_SPEC, parse_spec, read_spec_file
 
     path = Path(args.spec) if args.spec else DEFAULT_SPEC
     data = read_spec_file(path)
@@ -249,7 +249,7 @@ def _sweep(args) -> int:
         spec = parse_spec(data, source=str(path))
     except CltEvalError as exc:
         raise CltEvalError(f"{path if not block else 'command line'}: {exc}") from None
-    from training.sweep import run_sweep
+    from clt_eval.training.sweep import run_sweep
 
     result = run_sweep(spec, Path(args.out), args.wandb_mode,
                        save_transcoders=not args.no_save_transcoders)
@@ -258,7 +258,7 @@ def _sweep(args) -> int:
 
 
 def _graph(args) -> int:
-    from training.graph_plot import make_graph
+    from clt_eval.training.graph_plot import make_graph
 
     paths = make_graph(args.transcoder, args.model, args.prompt, args.out,
                        target_tokens=args.target_token, max_logits=args.max_logits,
@@ -269,7 +269,7 @@ def _graph(args) -> int:
 
 
 def _compare(args) -> int:
-    from training.compare import compare
+    from clt_eval.training.compare import compare
 
     paths = compare(args.model, args.plt, args.clt, args.prompts, args.out,
                     wandb_mode=args.wandb_mode, threads=args.threads)
@@ -278,7 +278,7 @@ def _compare(args) -> int:
 
 
 def _patch(args) -> int:
-    from training.patch_job import run_patch
+    from clt_eval.training.patch_job import run_patch
 
     res = run_patch(args.case_study, Path(args.out), wandb_mode=args.wandb_mode,
                     seeds=args.seeds, steps=args.steps)
@@ -294,7 +294,7 @@ def _convert(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from training.runs import evaluate_dir
+    from clt_eval.training.runs import evaluate_dir
 
     for rid, metrics in evaluate_dir(Path(args.run_dir)).items():
         keep = ("nmse", "l0_total", "skip_fraction", "middle_feature_recovery",
@@ -307,7 +307,7 @@ def _case_studies(args) -> int:
     from clt_eval.case_study import case_study_names, case_study_targets
 
     if args.action == "new":
-        from training.scaffold import scaffold
+        from clt_eval.training.scaffold import scaffold
 
         if not args.name or not args.out:
             raise CltEvalError("case-studies new: expected NAME and --out DIR")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clt_eval.errors import CltEvalError, check_choice, require
-from training.config import WANDB_MODES
+from clt_eval.training.config import WANDB_MODES
 
 DEFAULT_PROMPTS = Path(__file__).parent / "specs" / "compare_prompts.json"
 NAMES = ("plt", "clt")  # the two transcoders, in the order compare() takes them
@@ -66,7 +66,7 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS) -> list[PromptSpec]:
 
 def load_pair(plt_path, clt_path):
     """({"plt": tc, "clt": tc}, window): both one-run transcoders on the same window."""
-    from training.graph_plot import load_windowed_transcoder
+    from clt_eval.training.graph_plot import load_windowed_transcoder
 
     tcs, windows = {}, {}
     for name, path in zip(NAMES, (plt_path, clt_path), strict=True):
@@ -187,7 +187,7 @@ def graph_summary(g, n_layers: int, n_features: int, first: int, node_threshold:
         **{k: float(v) for k, v in g.scores.items()},
         "n_features_active": int(is_f.sum()), "n_features_pruned": len(nodes),
         "n_features_pruned_all_errors": n_all}
-    from training.compare_plots import top_features_graph
+    from clt_eval.training.compare_plots import top_features_graph
 
     return metrics, nodes, top_features_graph(g, inf + w)
 
@@ -216,7 +216,7 @@ def prompt_record(model, tcs, window, prep: Prepared, partner, corr, settings: d
     """Graphs, metrics, overlap and interventions of one prompt, for both transcoders."""
     from clt_eval.lm import graph_metrics as GM
     from clt_eval.lm.attribution import attribute
-    from training import compare_interventions as CI
+    from clt_eval.training import compare_interventions as CI
 
     skip_first = settings["skip_first"]
     clean = CI.clean_run(model, tcs, window, prep.tokens, skip_first)
@@ -371,8 +371,8 @@ def _matching_summary(acts, corr, threshold: float, seconds: float) -> dict:
 def write_outputs(out: Path, result: dict, drawn: dict, wandb_mode: str) -> dict[str, Path]:
     """Summaries, plots, compare.json, report.md (written last), then wandb."""
     from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
-    from training import compare_plots, compare_report
-    from training.wandb_logger import WandbLogger
+    from clt_eval.training import compare_plots, compare_report
+    from clt_eval.training.wandb_logger import WandbLogger
 
     out.mkdir(parents=True, exist_ok=True)
     result["summary"] = compare_report.summarize(result["prompts"],

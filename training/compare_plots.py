@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.sweep_plots import save_figure
+from clt_eval.training.sweep_plots import save_figure
 
 COLORS = {"plt": "#1f77b4", "clt": "#d62728"}
 NAMES = ("plt", "clt")
@@ -126,7 +126,7 @@ def graph_pair(path: Path, rec: dict, graphs: dict) -> Path:
     """The PLT's and the CLT's graphs of one prompt, side by side: each transcoder's most
     influential features (``top_features_graph``), drawn by
     ``training.graph_plot.plot_graph`` and set next to each other."""
-    from training.graph_plot import plot_graph
+    from clt_eval.training.graph_plot import plot_graph
 
     plt = _plt()
     with tempfile.TemporaryDirectory() as tmp:

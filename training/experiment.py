@@ -20,8 +20,8 @@ from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.transcoder import Transcoder
-from training.config import RunSpec, TrainConfig
-from training.trainer import full_batches, init_b_dec, train
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 _NAMED = ("arch", "penalty", "decoder_norm", "activation", "sparsity_coef", "k", "n_features",
           "seed", "cross_layer_coef")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from clt_eval.errors import check_choice, require
 from clt_eval.lm.window import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, LayerWindow
-from training.config import WANDB_MODES, RunSpec, TrainConfig
+from clt_eval.training.config import WANDB_MODES, RunSpec, TrainConfig
 
 if TYPE_CHECKING:
     from clt_eval.transcoder import Transcoder
@@ -172,8 +172,8 @@ def train_group(specs: list[RunSpec], lm: LMData, train_cfg: TrainConfig, logger
     import torch
 
     from clt_eval.transcoder import Transcoder
-    from training.experiment import record
-    from training.trainer import init_b_dec, train
+    from clt_eval.training.experiment import record
+    from clt_eval.training.trainer import init_b_dec, train
 
     cfgs = [s.transcoder_config(lm.train.d_model, lm.window.n_layers) for s in specs]
     tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
@@ -204,8 +204,8 @@ def train_on_model(data: LMDataConfig, specs: list[RunSpec], train_cfg: TrainCon
     from tqdm.auto import tqdm
 
     from clt_eval.atomic import write_json_atomic
-    from training.experiment import check_unique, group_specs
-    from training.wandb_logger import WandbLogger
+    from clt_eval.training.experiment import check_unique, group_specs
+    from clt_eval.training.wandb_logger import WandbLogger
 
     out = Path(out)
     check_choice("wandb_mode", wandb_mode, WANDB_MODES)
@@ -227,7 +227,7 @@ def train_on_model(data: LMDataConfig, specs: list[RunSpec], train_cfg: TrainCon
 def _train_log_save(group, lm: LMData, data: LMDataConfig, train_cfg, logger, bar, out: Path):
     """One ensemble as one wandb run; then each member saved with its window and metadata."""
     from clt_eval.io import save_transcoder
-    from training.experiment import flat_record, run_id
+    from clt_eval.training.experiment import flat_record, run_id
 
     ids = [run_id(s) for s in group]
     runs = {i: s.to_dict() for i, s in zip(ids, group, strict=True)}

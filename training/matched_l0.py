@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from training.analysis import knob
-from training.experiment import run_id
+from clt_eval.training.analysis import knob
+from clt_eval.training.experiment import run_id
 
 Knob = tuple  # (setting key, arch, target)
 
@@ -144,7 +144,7 @@ def _train_finals(runner, found: list[dict], seeds: int) -> None:
 
 def _base(setting: dict):
     """A RunSpec for a setting; budget penalties get a placeholder k, set per point later."""
-    from training.config import RunSpec
+    from clt_eval.training.config import RunSpec
 
     budget = setting["penalty"] in ("topk", "batchtopk")
     return RunSpec(**setting, k=1 if budget else None)
@@ -189,7 +189,7 @@ def _with(base, arch: str, lam: float, seed: int, k: int | None = None):
 
 def _grid_curves(records: list[dict], width: int) -> dict:
     """{(setting key, arch): [(knob, mean L0 over seeds)]} at one width."""
-    from training.config import RunSpec
+    from clt_eval.training.config import RunSpec
 
     acc: dict = {}
     for r in records:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from clt_eval.errors import CltEvalError, check_choice, require
-from training.config import WANDB_MODES, RunSpec, TrainConfig
+from clt_eval.training.config import WANDB_MODES, RunSpec, TrainConfig
 
 ARCHS = ("plt", "clt")
 KINDS = ("decoder", "encoder")
@@ -271,7 +271,7 @@ def train_runs(case, model, cfg: PatchConfig, progress: bool):
     """[(spec, record, transcoder of that ensemble, index in it)] for every run."""
     from tqdm.auto import tqdm
 
-    from training.experiment import case_data, group_specs, train_group
+    from clt_eval.training.experiment import case_data, group_specs, train_group
 
     data, runs = case_data(case, model), []
     groups = group_specs(cfg.run_specs())
@@ -380,7 +380,7 @@ def run_patch(case_study: str = "mlp_in_the_middle", out: Path | str = "runs/pat
     Returns the written paths, the PLT/CLT summary, the number of directions studied and
     the seconds taken (model-library import, training, patching and writing)."""
     from clt_eval.atomic import write_json_atomic
-    from training import patch_report
+    from clt_eval.training import patch_report
 
     started = time.perf_counter()
     out = Path(out)

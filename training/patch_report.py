@@ -157,7 +157,7 @@ def bar_groups(records: list[dict]) -> tuple[list[tuple[str, list[dict]]], bool]
 def effects_figure(out: Path, records: list[dict]) -> Path:
     import numpy as np
 
-    from training.sweep_plots import _plt, save_figure
+    from clt_eval.training.sweep_plots import _plt, save_figure
 
     plt = _plt()
     groups, pooled = bar_groups(records)
@@ -218,7 +218,7 @@ def log_wandb(out: Path, cfg, payload: dict, figure: Path) -> None:
     """One wandb run: the config, the table of directions, the figure, the PLT/CLT counts."""
     from dataclasses import asdict
 
-    from training.wandb_logger import WandbLogger
+    from clt_eval.training.wandb_logger import WandbLogger
 
     logger = WandbLogger(cfg.wandb_mode, group=f"patch-{out.name}", root=out)
     logger.start(f"patch-{payload['case_study']}", asdict(cfg), job_type="patch")

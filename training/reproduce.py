@@ -15,14 +15,14 @@ from pathlib import Path
 
 from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
 from clt_eval.case_study import case_study_targets, load_case_study
-from training.config import ReproduceConfig
+from clt_eval.training.config import ReproduceConfig
 
 SPECS = Path(__file__).parent / "specs"
 
 
 def reproduce_spec(cfg: ReproduceConfig, case_study: str):
     """The packaged spec with this config's overrides (case study, steps, seeds, width)."""
-    from training.sweep_spec import load_spec
+    from clt_eval.training.sweep_spec import load_spec
 
     spec = load_spec(SPECS / ("reproduce_quick.toml" if cfg.quick else "reproduce.toml"))
     train = spec.train if cfg.steps is None else dataclasses.replace(spec.train, steps=cfg.steps)
@@ -55,7 +55,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> dict:
 
 
 def _one(cfg: ReproduceConfig, name: str, out: Path, progress: bool) -> dict:
-    from training.sweep import run_sweep
+    from clt_eval.training.sweep import run_sweep
 
     spec = reproduce_spec(cfg, name)
     res = run_sweep(spec, out, cfg.wandb_mode, progress=progress,

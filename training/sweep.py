@@ -22,9 +22,9 @@ from pathlib import Path
 from clt_eval.atomic import nan_to_none, write_json_atomic
 from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError, require
-from training.checkpoint import Checkpoint, stop_gracefully
-from training.config import RunSpec
-from training.experiment import (
+from clt_eval.training.checkpoint import Checkpoint, stop_gracefully
+from clt_eval.training.config import RunSpec
+from clt_eval.training.experiment import (
     canonical,
     case_data,
     check_unique,
@@ -32,8 +32,8 @@ from training.experiment import (
     run_id,
     train_log_save,
 )
-from training.sweep_spec import SweepSpec
-from training.wandb_logger import WandbLogger
+from clt_eval.training.sweep_spec import SweepSpec
+from clt_eval.training.wandb_logger import WandbLogger
 
 CHECKPOINT_EVERY = 250
 MAX_ENSEMBLE = 1024  # runs per ensemble: big enough to amortise a step, small enough to
@@ -152,9 +152,9 @@ def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress:
     """Train, search, analyse and report; returns {"sweep": path, "report": path, ...}."""
     import torch
 
-    from training.matched_l0 import matched_l0_search
-    from training.report import analytic_costs
-    from training.sweep_report import write_sweep_report
+    from clt_eval.training.matched_l0 import matched_l0_search
+    from clt_eval.training.report import analytic_costs
+    from clt_eval.training.sweep_report import write_sweep_report
 
     # The toy's tensors are small (at most a few 100k elements per op), so a second thread
     # costs more in synchronisation than it saves; with the other core busy it was 14x
@@ -180,7 +180,7 @@ def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress:
 
 
 def _log_summary(logger, spec, grid, plots, summary) -> None:
-    from training.experiment import flat_record
+    from clt_eval.training.experiment import flat_record
 
     logger.start("summary", {"spec": spec.to_dict(), "n_runs": len(grid)}, job_type="report")
     logger.table("all_runs", [flat_record(r) for r in grid])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from clt_eval.evaluate import SKIP_THRESHOLD
-from training import sweep_analysis as A
+from clt_eval.training import sweep_analysis as A
 
 METRICS = (("skip_fraction", "skip fraction (0 faithful, 1 skipped)"),
            ("middle_feature_recovery", "middle-layer (B) features recovered"))

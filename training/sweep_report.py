@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 from clt_eval.atomic import write_text_atomic
-from training import sweep_analysis as A
-from training import sweep_plots as P
-from training.report import _table, analytic_section
+from clt_eval.training import sweep_analysis as A
+from clt_eval.training import sweep_plots as P
+from clt_eval.training.report import _table, analytic_section
 
 
 def _f(v, digits=2) -> str:
@@ -22,7 +22,7 @@ def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict 
                        analytic: dict | None = None):
     """Writes report.md and the plots; returns (report path, plot paths, JSON summary).
     ``analytic``: the case study's hand-built decompositions priced (``report.analytic_costs``)."""
-    from training.sweep_tracking import tracking_rows
+    from clt_eval.training.sweep_tracking import tracking_rows
 
     width = spec.matched_l0.n_features if spec.matched_l0 else _common_width(grid)
     gone = A.disappearance(grid, width)

@@ -103,7 +103,7 @@ def default_templates_path() -> Path:
     """The packaged templates file, found through the ``training`` package's data."""
     from importlib import resources
 
-    return Path(str(resources.files("training").joinpath("specs", TEMPLATES_FILE)))
+    return Path(str(resources.files("clt_eval.training").joinpath("specs", TEMPLATES_FILE)))
 
 
 def _slots(template: str) -> list[str]:

@@ -294,8 +294,9 @@ def test_bad_input_is_one_line(tiny_lm, tokens):
 
 def test_make_graph_writes_files_or_nothing(tmp_path):
     """`clt-eval graph`'s job: a saved windowed transcoder, a model by name, a prompt."""
-    from clt_eval.formats.native import save_native
     from clt_eval.training.graph_plot import make_graph
+
+    from clt_eval.formats.native import save_native
 
     good = save_native(_tc("clt", (1, 2)), LayerWindow((1, 2)), tmp_path / "good")
     paths = make_graph(good, "tiny", "To be or not", tmp_path / "out", max_logits=3)

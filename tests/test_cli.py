@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from clt_eval.training.cli import main
 
 
@@ -127,12 +126,12 @@ def test_train_refuses_duplicate_runs(tmp_path, capsys):
 
 def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys):
     import torch
+    from clt_eval.training.cli import main
 
     from clt_eval.config import TranscoderConfig
     from clt_eval.formats import load_any, save_as
     from clt_eval.lm.window import LayerWindow
     from clt_eval.transcoder import Transcoder
-    from clt_eval.training.cli import main
 
     tc = Transcoder([TranscoderConfig(d_model=8, n_layers=3, n_features=5, arch="clt")])
     src = save_as(tc, LayerWindow((2, 3, 4)), tmp_path / "src", "clt-eval")

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from clt_eval.training import compare_interventions as CI
+from clt_eval.training.compare import PromptSpec, compare, load_prompts
 
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import CltEvalError
@@ -13,8 +15,6 @@ from clt_eval.lm import graph as G
 from clt_eval.lm import graph_metrics as GM
 from clt_eval.lm.window import LayerWindow
 from clt_eval.transcoder import Transcoder
-from clt_eval.training import compare_interventions as CI
-from clt_eval.training.compare import PromptSpec, compare, load_prompts
 
 
 def _tc(arch, n_layers, seed=0) -> Transcoder:

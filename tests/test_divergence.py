@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
-from clt_eval.errors import CltEvalError
-from clt_eval.transcoder import Transcoder
 from clt_eval.training.checkpoint import Checkpoint
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
+
+from clt_eval.errors import CltEvalError
+from clt_eval.transcoder import Transcoder
 
 B, L, D, F = 13, 3, 7, 5
 SPECS = [RunSpec(arch="clt", penalty="l1", sparsity_coef=0.01, seed=0, n_features=F),

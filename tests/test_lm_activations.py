@@ -166,9 +166,10 @@ def test_interrupted_cache_build_leaves_nothing(tiny_lm, tokens, tmp_path, monke
 
 # ---- training ---------------------------------------------------------------------------
 def test_trainer_consumes_the_source_and_loss_falls(tiny_lm, tokens, tmp_path):
-    from clt_eval.transcoder import Transcoder
     from clt_eval.training.config import RunSpec, TrainConfig
     from clt_eval.training.trainer import train
+
+    from clt_eval.transcoder import Transcoder
 
     # Cached: the model runs once, and later passes read the shards (as real training does).
     src = _source(tiny_lm, tokens, batch_size=64, cache_dir=tmp_path / "acts")
@@ -183,9 +184,10 @@ def test_trainer_consumes_the_source_and_loss_falls(tiny_lm, tokens, tmp_path):
 
 
 def test_folded_scales_give_the_same_function_on_raw_activations():
+    from clt_eval.training.lm_train import fold_scales
+
     from clt_eval.config import TranscoderConfig
     from clt_eval.transcoder import Transcoder
-    from clt_eval.training.lm_train import fold_scales
 
     cfg = TranscoderConfig(d_model=8, n_layers=3, n_features=5, arch="clt",
                            activation="jumprelu", skip=True)
@@ -204,9 +206,10 @@ def test_folded_scales_give_the_same_function_on_raw_activations():
 
 
 def test_train_on_model_writes_loadable_transcoders(tmp_path):
-    from clt_eval.io import load_extra, load_transcoder
     from clt_eval.training.config import RunSpec, TrainConfig
     from clt_eval.training.lm_train import LMDataConfig, train_on_model
+
+    from clt_eval.io import load_extra, load_transcoder
 
     (tmp_path / "c.txt").write_text(TEXT * 8)
     data = LMDataConfig(model="tiny", layers=(1, 3), corpus=str(tmp_path / "c.txt"),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from clt_eval.transcoder import Transcoder, row_sum, run_matmul
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
+
+from clt_eval.transcoder import Transcoder, row_sum, run_matmul
 
 B, L, D, F = 13, 3, 7, 5
 

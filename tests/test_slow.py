@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from clt_eval.training.cli import main
 
 

@@ -38,12 +38,13 @@ def test_hooked_logits_match_hugging_face(smollm2):
 
 
 def test_stream_and_train_plt_and_clt_on_a_window(smollm2, tmp_path):
+    from clt_eval.training.config import RunSpec, TrainConfig
+    from clt_eval.training.lm_train import LMDataConfig, train_on_model
+
     from clt_eval.io import load_extra, load_transcoder
     from clt_eval.lm.activations import ActivationSource
     from clt_eval.lm.corpus import corpus_windows
     from clt_eval.lm.window import LayerWindow
-    from clt_eval.training.config import RunSpec, TrainConfig
-    from clt_eval.training.lm_train import LMDataConfig, train_on_model
 
     _, model = smollm2
     tokens = corpus_windows("bible", model.tokenizer, model.cfg.d_vocab, 32, 4 * 32)

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from clt_eval.training.sweep_spec import load_spec, log_grid, parse_spec
 
 from clt_eval.errors import CltEvalError
-from clt_eval.training.sweep_spec import load_spec, log_grid, parse_spec
 
 TOML = """
 name = "t"

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-
-from clt_eval.errors import CltEvalError
-from clt_eval.transcoder import Transcoder
 from clt_eval.training.config import ReproduceConfig, RunSpec, TrainConfig
 from clt_eval.training.experiment import group_specs
 from clt_eval.training.trainer import full_batches, init_b_dec, lambda_factor, lr_factor, train
+
+from clt_eval.errors import CltEvalError
+from clt_eval.transcoder import Transcoder
 
 
 def test_lr_warms_up_then_decays_to_final_fraction():

@@ -5,12 +5,12 @@ import dataclasses
 
 import pytest
 import torch
+from clt_eval.training.config import TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 from clt_eval.config import LossConfig, TranscoderConfig
 from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder, structure_mask
-from clt_eval.training.config import TrainConfig
-from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 D, L, F = 6, 3, 4
 

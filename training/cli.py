@@ -10,8 +10,9 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from clt_eval.errors import CltEvalError
 from clt_eval.training.config import WANDB_MODES, ReproduceConfig, RunSpec, TrainConfig
+
+from clt_eval.errors import CltEvalError
 
 # RunSpec fields that `train` accepts several values of, to train their product as a grid.
 GRID_FIELDS = ("arch", "sparsity_coef", "k", "seed")

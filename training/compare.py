@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clt_eval.errors import CltEvalError, check_choice, require
 from clt_eval.training.config import WANDB_MODES
+
+from clt_eval.errors import CltEvalError, check_choice, require
 
 DEFAULT_PROMPTS = Path(__file__).parent / "specs" / "compare_prompts.json"
 NAMES = ("plt", "clt")  # the two transcoders, in the order compare() takes them
@@ -214,9 +215,10 @@ def window_prune(g, node_threshold: float, edge_threshold: float):
 
 def prompt_record(model, tcs, window, prep: Prepared, partner, corr, settings: dict) -> dict:
     """Graphs, metrics, overlap and interventions of one prompt, for both transcoders."""
+    from clt_eval.training import compare_interventions as CI
+
     from clt_eval.lm import graph_metrics as GM
     from clt_eval.lm.attribution import attribute
-    from clt_eval.training import compare_interventions as CI
 
     skip_first = settings["skip_first"]
     clean = CI.clean_run(model, tcs, window, prep.tokens, skip_first)
@@ -370,9 +372,10 @@ def _matching_summary(acts, corr, threshold: float, seconds: float) -> dict:
 
 def write_outputs(out: Path, result: dict, drawn: dict, wandb_mode: str) -> dict[str, Path]:
     """Summaries, plots, compare.json, report.md (written last), then wandb."""
-    from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
     from clt_eval.training import compare_plots, compare_report
     from clt_eval.training.wandb_logger import WandbLogger
+
+    from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     result["summary"] = compare_report.summarize(result["prompts"],

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from clt_eval.training.sweep_plots import save_figure
 
 COLORS = {"plt": "#1f77b4", "clt": "#d62728"}

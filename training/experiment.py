@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import torch
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 from clt_eval.case_study import case_study_spec
 from clt_eval.costs import cost_key, sparsity_costs
@@ -20,8 +22,6 @@ from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.transcoder import Transcoder
-from clt_eval.training.config import RunSpec, TrainConfig
-from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 _NAMED = ("arch", "penalty", "decoder_norm", "activation", "sparsity_coef", "k", "n_features",
           "seed", "cross_layer_coef")

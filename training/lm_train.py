@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clt_eval.training.config import WANDB_MODES, RunSpec, TrainConfig
+
 from clt_eval.errors import check_choice, require
 from clt_eval.lm.window import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, LayerWindow
-from clt_eval.training.config import WANDB_MODES, RunSpec, TrainConfig
 
 if TYPE_CHECKING:
     from clt_eval.transcoder import Transcoder
@@ -170,10 +171,10 @@ def train_group(specs: list[RunSpec], lm: LMData, train_cfg: TrainConfig, logger
     the scales are folded back into the weights afterwards, so the saved transcoders read and
     write the model's raw activations."""
     import torch
-
-    from clt_eval.transcoder import Transcoder
     from clt_eval.training.experiment import record
     from clt_eval.training.trainer import init_b_dec, train
+
+    from clt_eval.transcoder import Transcoder
 
     cfgs = [s.transcoder_config(lm.train.d_model, lm.window.n_layers) for s in specs]
     tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
@@ -201,11 +202,11 @@ def train_on_model(data: LMDataConfig, specs: list[RunSpec], train_cfg: TrainCon
                    out: str | Path, wandb_mode: str = "offline", model=None) -> Path:
     """Train ``specs`` on ``data``'s model and corpus; save each transcoder under
     ``out/transcoders/<run_id>`` and every run's metrics in ``out/results.json``."""
+    from clt_eval.training.experiment import check_unique, group_specs
+    from clt_eval.training.wandb_logger import WandbLogger
     from tqdm.auto import tqdm
 
     from clt_eval.atomic import write_json_atomic
-    from clt_eval.training.experiment import check_unique, group_specs
-    from clt_eval.training.wandb_logger import WandbLogger
 
     out = Path(out)
     check_choice("wandb_mode", wandb_mode, WANDB_MODES)
@@ -226,8 +227,9 @@ def train_on_model(data: LMDataConfig, specs: list[RunSpec], train_cfg: TrainCon
 
 def _train_log_save(group, lm: LMData, data: LMDataConfig, train_cfg, logger, bar, out: Path):
     """One ensemble as one wandb run; then each member saved with its window and metadata."""
-    from clt_eval.io import save_transcoder
     from clt_eval.training.experiment import flat_record, run_id
+
+    from clt_eval.io import save_transcoder
 
     ids = [run_id(s) for s in group]
     runs = {i: s.to_dict() for i, s in zip(ids, group, strict=True)}

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-
 from clt_eval.training.analysis import knob
 from clt_eval.training.experiment import run_id
 

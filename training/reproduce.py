@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from clt_eval.training.config import ReproduceConfig
+
 from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
 from clt_eval.case_study import case_study_targets, load_case_study
-from clt_eval.training.config import ReproduceConfig
 
 SPECS = Path(__file__).parent / "specs"
 

@@ -6,13 +6,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.experiment import case_data, check_unique, group_specs, train_log_save
+from clt_eval.training.wandb_logger import WandbLogger
+
 from clt_eval.atomic import write_json_atomic
 from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder, shared_fields
-from clt_eval.training.config import RunSpec, TrainConfig
-from clt_eval.training.experiment import case_data, check_unique, group_specs, train_log_save
-from clt_eval.training.wandb_logger import WandbLogger
 
 
 def train_grid(case_name: str, specs: list[RunSpec], train_cfg: TrainConfig, out: Path,

@@ -19,9 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from clt_eval.atomic import nan_to_none, write_json_atomic
-from clt_eval.case_study import load_case_study
-from clt_eval.errors import CltEvalError, require
 from clt_eval.training.checkpoint import Checkpoint, stop_gracefully
 from clt_eval.training.config import RunSpec
 from clt_eval.training.experiment import (
@@ -34,6 +31,10 @@ from clt_eval.training.experiment import (
 )
 from clt_eval.training.sweep_spec import SweepSpec
 from clt_eval.training.wandb_logger import WandbLogger
+
+from clt_eval.atomic import nan_to_none, write_json_atomic
+from clt_eval.case_study import load_case_study
+from clt_eval.errors import CltEvalError, require
 
 CHECKPOINT_EVERY = 250
 MAX_ENSEMBLE = 1024  # runs per ensemble: big enough to amortise a step, small enough to
@@ -151,7 +152,6 @@ def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress:
               save_transcoders: bool = True) -> dict:
     """Train, search, analyse and report; returns {"sweep": path, "report": path, ...}."""
     import torch
-
     from clt_eval.training.matched_l0 import matched_l0_search
     from clt_eval.training.report import analytic_costs
     from clt_eval.training.sweep_report import write_sweep_report

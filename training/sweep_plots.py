@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from clt_eval.training import sweep_analysis as A
 
 from clt_eval.evaluate import SKIP_THRESHOLD
-from clt_eval.training import sweep_analysis as A
 
 METRICS = (("skip_fraction", "skip fraction (0 faithful, 1 skipped)"),
            ("middle_feature_recovery", "middle-layer (B) features recovered"))

@@ -15,9 +15,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from clt_eval.training.config import RunSpec, TrainConfig
+
 from clt_eval.config import ACTIVATIONS, ARCHS, DECODER_NORMS, NORMED_PENALTIES, PENALTIES
 from clt_eval.errors import CltEvalError, require
-from clt_eval.training.config import RunSpec, TrainConfig
 
 DEFAULT_SPEC = Path(__file__).parent / "specs" / "default_sweep.toml"
 RUN_FIELDS = tuple(f.name for f in fields(RunSpec))

@@ -14,11 +14,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from clt_eval.training.config import TrainConfig
 
 from clt_eval.config import LossConfig
 from clt_eval.losses import LossPlan, row_mean, training_loss
 from clt_eval.transcoder import Transcoder, row_sum
-from clt_eval.training.config import TrainConfig
 
 Logger = Callable[[int, dict], None]  # (step, {name: [R] tensor})
 

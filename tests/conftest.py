@@ -76,3 +76,13 @@ def skip_without_smollm2() -> None:
             md.distribution(dist)
         except md.PackageNotFoundError:
             pytest.skip(f"{dist} not installed (make smollm2)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests run the same end-to-end paths on a GPU; without one they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

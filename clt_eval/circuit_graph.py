@@ -144,7 +144,7 @@ def circuit_scores(case, tc, x_BLD, acts_RBLF, matches, threshold: float = 0.05)
     c_RBI = input_coefficients(x_BLD, dirs_ID, R)
     W_enc = tc.W_enc.detach().float()
     # Absent blocks are zero; t < s is zeroed too, so a sum over t < ℓ is over s ≤ t < ℓ.
-    W_dec = tc.masked_W_dec().detach().float()
+    W_dec = tc.dense_W_dec().detach().float()  # [R,S,T,F,D]: the small toys this scores
     W_dec = W_dec * torch.ones(L, L).triu().bool()[None, :, :, None, None]
     acts = acts_RBLF.detach().float().abs()  # only |a| enters a weight, and a ≠ 0 marks "on"
     tally, depth_RLF = _Tally(R), torch.zeros(R, L, F, dtype=torch.long)

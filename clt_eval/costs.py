@@ -33,7 +33,7 @@ def hand_built(arch: str, d_model: int, n_layers: int, width: int,
         count[layer] += 1
         tc.W_enc[0, layer, :, f] = enc
         for target, vec in decs.items():
-            tc.W_dec[0, layer, target, f] = vec
+            tc.decoder_block(layer, target, masked=False)[0, f] = vec
     return tc
 
 

@@ -7,14 +7,21 @@ so a crash or a bad input never leaves a half-written transcoder behind. Loading
 field and tensor against the config and fails with one line naming the file and what was
 expected (docs/concepts.md §8.10).
 
-Tensors on disk carry no run dim: ``W_enc`` [L,D,F], ``b_enc`` [L,F], ``W_dec`` [L,L,F,D],
+Tensors on disk carry no run dim: ``W_enc`` [L,D,F], ``b_enc`` [L,F], one decoder per source
+layer ``W_dec_{s}`` [F,T_s,D] (blocks s→s..s+T_s-1; T_s = L-s for a CLT, 1 for a PLT),
 ``b_dec`` [L,D], and when the config asks for them ``W_skip`` [L,D,D], ``log_threshold`` [L,F]
-(jumprelu), ``batchtopk_threshold`` [L] (batchtopk).
+(jumprelu), ``batchtopk_threshold`` [L] (batchtopk). Folders written before the per-source
+layout hold one dense ``W_dec`` [L,L,F,D] instead; they still load.
+
+Loading is lazy: the transcoder's parameters are allocated once, uninitialised, and filled one
+tensor at a time from the memory-mapped file, so a large CLT needs about its own size in memory
+rather than twice that.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import safetensors
@@ -35,7 +42,9 @@ WEIGHTS_FILE = "weights.safetensors"
 def expected_shapes(cfg: TranscoderConfig) -> dict[str, list[int]]:
     """The tensors a folder for ``cfg`` must hold, and their shapes (no run dim)."""
     L, F, D = cfg.n_layers, cfg.n_features, cfg.d_model
-    shapes = {"W_enc": [L, D, F], "b_enc": [L, F], "W_dec": [L, L, F, D], "b_dec": [L, D]}
+    T = [L - s if cfg.arch != "plt" else 1 for s in range(L)]
+    shapes = {"W_enc": [L, D, F], "b_enc": [L, F],
+              **{f"W_dec_{s}": [F, T[s], D] for s in range(L)}, "b_dec": [L, D]}
     if cfg.skip:
         shapes["W_skip"] = [L, D, D]
     if cfg.activation == "jumprelu":
@@ -77,11 +86,18 @@ def _check_replaceable(target: Path) -> None:
             "folder or a clt-eval transcoder folder")
 
 
+def legacy_shapes(cfg: TranscoderConfig) -> dict[str, list[int]]:
+    """The tensors of a folder written with the old dense decoder ``W_dec`` [L,L,F,D]."""
+    L, F, D = cfg.n_layers, cfg.n_features, cfg.d_model
+    shapes = {k: v for k, v in expected_shapes(cfg).items() if not k.startswith("W_dec_")}
+    return {"W_dec": [L, L, F, D], **shapes}
+
+
 def _tensors_to_save(tc: Transcoder) -> dict[str, torch.Tensor]:
-    # The masked decoder, so blocks a PLT does not have are stored as the zeros they act as.
-    full = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.masked_W_dec(), "b_dec": tc.b_dec,
-            "W_skip": tc.W_skip, "log_threshold": tc.log_threshold,
-            "batchtopk_threshold": tc.batchtopk_threshold}
+    full = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "b_dec": tc.b_dec, "W_skip": tc.W_skip,
+            "log_threshold": tc.log_threshold, "batchtopk_threshold": tc.batchtopk_threshold}
+    # One run is never a mixed ensemble: its stored slots are exactly its blocks.
+    full |= {f"W_dec_{s}": W for s, W in enumerate(tc.decoder_params())}
     # Clone: safetensors refuses views and tensors that share storage.
     return {name: full[name][0].detach().cpu().contiguous().clone()
             for name in expected_shapes(tc.cfg)}
@@ -99,11 +115,8 @@ def load_transcoder(path: str | Path) -> Transcoder:
     except CltEvalError as exc:  # __post_init__'s messages name the field but not the file
         msg = str(exc)
         raise CltEvalError(msg if str(config_path) in msg else f"{config_path}: {msg}") from None
-    tensors = _read_weights(folder / WEIGHTS_FILE, cfg)
-    tc = Transcoder([cfg])
-    with torch.no_grad():
-        for name, t in tensors.items():
-            getattr(tc, name).copy_(t[None])  # add the run dim back
+    tc = Transcoder([cfg], init=False)
+    _fill_weights(folder / WEIGHTS_FILE, cfg, tc)
     return tc.eval()
 
 
@@ -131,27 +144,77 @@ def _read_config(folder: Path) -> dict:
     return data
 
 
-def _read_weights(weights_path: Path, cfg: TranscoderConfig) -> dict[str, torch.Tensor]:
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _open_weights(weights_path: Path):
     require(weights_path.is_file(), f"{weights_path}: missing; expected the transcoder weights")
     try:
-        tensors = safetensors.torch.load_file(str(weights_path))
+        return safetensors.safe_open(str(weights_path), framework="pt")
     except (OSError, safetensors.SafetensorError) as exc:
         raise CltEvalError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+
+
+def _check_header(f, weights_path: Path, cfg: TranscoderConfig) -> dict[str, list[int]]:
+    """Names, shapes and dtypes from the file's header, before any tensor is read; returns
+    the expected shapes of the layout the file holds (per-source or the old dense one)."""
+    names = set(f.keys())
     shapes = expected_shapes(cfg)
-    missing = sorted(set(shapes) - set(tensors))
+    if "W_dec" in names and not any(n.startswith("W_dec_") for n in names):
+        shapes = legacy_shapes(cfg)
+    missing = sorted(set(shapes) - names)
     require(not missing, f"{weights_path}: missing tensor(s) {missing}; expected "
             f"{sorted(shapes)} for activation={cfg.activation!r}, skip={cfg.skip}")
-    unexpected = sorted(set(tensors) - set(shapes))
+    unexpected = sorted(names - set(shapes))
     require(not unexpected, f"{weights_path}: unexpected tensor(s) {unexpected}; expected "
             f"{sorted(shapes)} for activation={cfg.activation!r}, skip={cfg.skip}")
     dims = f"n_layers={cfg.n_layers}, n_features={cfg.n_features}, d_model={cfg.d_model}"
     for name, shape in shapes.items():
-        t = tensors[name]
-        require(list(t.shape) == shape, f"{weights_path}: tensor {name!r} has shape "
-                f"{list(t.shape)}, expected {shape} from {CONFIG_FILE} ({dims})")
-        require(t.is_floating_point(),
-                f"{weights_path}: tensor {name!r} has dtype {t.dtype}, expected a float dtype")
-        bad = int((~torch.isfinite(t)).sum())
-        require(bad == 0, f"{weights_path}: tensor {name!r} has {bad} non-finite value(s) "
-                "(NaN or inf); expected finite numbers")
-    return tensors
+        view = f.get_slice(name)
+        require(list(view.get_shape()) == shape, f"{weights_path}: tensor {name!r} has shape "
+                f"{list(view.get_shape())}, expected {shape} from {CONFIG_FILE} ({dims})")
+        require(view.get_dtype() in FLOAT_DTYPES, f"{weights_path}: tensor {name!r} has dtype "
+                f"{view.get_dtype()}, expected a float dtype {list(FLOAT_DTYPES)}")
+    return shapes
+
+
+# Bytes of a tensor read at once while loading: large tensors are read in slices of rows.
+READ_CHUNK_BYTES = 1 << 25
+
+
+def _row_chunks(shape: list[int]) -> list[tuple[int, int]]:
+    n = shape[0]
+    row_bytes = 8 * max(1, math.prod(shape[1:]))  # 8: the widest float dtype read
+    step = max(1, READ_CHUNK_BYTES // row_bytes)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _read_rows(weights_path: Path, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo..hi of tensor ``name``, through a mapping of the file opened for them alone:
+    pages of a mapping that have been read stay resident (and count in the process's memory)
+    until it is unmapped, so one mapping held over the whole load would add the file's size
+    again."""
+    with _open_weights(weights_path) as f:
+        t = f.get_slice(name)[lo:hi]
+    bad = int((~torch.isfinite(t)).sum())
+    require(bad == 0, f"{weights_path}: tensor {name!r} has {bad} non-finite value(s) "
+            "(NaN or inf); expected finite numbers")
+    return t
+
+
+@torch.no_grad()
+def _fill_weights(weights_path: Path, cfg: TranscoderConfig, tc: Transcoder) -> None:
+    """Copy the file's tensors into ``tc``'s (uninitialised) parameters a slice at a time, so
+    the load needs about the parameters' own size plus one slice."""
+    with _open_weights(weights_path) as f:
+        shapes = _check_header(f, weights_path, cfg)
+    for name, shape in shapes.items():
+        for lo, hi in _row_chunks(shape):
+            part = _read_rows(weights_path, name, lo, hi)
+            if name == "W_dec":  # the old dense layout [S, T, F, D]
+                for i, s in enumerate(range(lo, hi)):
+                    T = tc.n_targets[s]
+                    tc.decoder_params()[s][0] = part[i, s:s + T].permute(1, 0, 2)
+            else:
+                getattr(tc, name)[0, lo:hi] = part  # the run dim is added back
+            del part

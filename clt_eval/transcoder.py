@@ -5,6 +5,11 @@ transcoder is an ensemble of one. PLT and CLT differ only in which decoder block
 the structural mask ``decoder_mask_RST`` is the identity for a PLT and upper-triangular
 (ℓ ≥ s) for a CLT (docs/concepts.md §2). Nothing else in the library needs to know which is which.
 
+Decoders are stored per source layer, ``W_dec_{s}`` [R, F, T_s, D], holding only the blocks
+that can exist: Σ_s (L−s)·F·D weights per run for a CLT, L·F·D for a PLT, never the dense
+L×L form (``dense_W_dec`` builds that for small toys and reference checks). Wide, sparsely
+active transcoders decode from their active features only (``sparse_source_decode``).
+
 Shapes: R runs, B samples, L layers (S source, T target), F features per layer, D d_model.
 
 Runs are independent to the last bit: every product runs through ``run_matmul``, whose
@@ -135,12 +140,94 @@ def shared_fields(cfg: TranscoderConfig) -> dict:
     return d
 
 
+def fit_targets(W_RFTD: torch.Tensor, n_targets: int) -> torch.Tensor:
+    """A per-source decoder with ``n_targets`` target slots: extra slots (absent blocks of a
+    PLT run) dropped, missing ones added as zeros."""
+    T = W_RFTD.shape[2]
+    if T >= n_targets:
+        return W_RFTD[:, :, :n_targets]
+    return nn.functional.pad(W_RFTD, (0, 0, 0, n_targets - T))
+
+
+# ---- sparse-aware decode ----------------------------------------------------------------
+# A run decodes from its active features only when the transcoder is wide and at most this
+# share of its (sample, layer, feature) activations is on: gathering rows then costs less
+# than the dense product, whose work grows with every feature, firing or not.
+SPARSE_MIN_FEATURES = 1024
+SPARSE_MAX_SHARE = 1 / 16
+SPARSE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
+
+
+# Rows gathered at once by the sparse decode (entries × columns), to bound its temporaries.
+SPARSE_CHUNK = 1 << 22
+
+
+def _chunks(n: int, width: int):
+    step = max(1, SPARSE_CHUNK // max(width, 1))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+class _SparseDecode(torch.autograd.Function):
+    """y[b] = Σ_n vals[n] · W[cols[n]] over the entries n with rows[n] = b: the decode of one
+    run and source from its listed features only, forward and backward.
+
+    Every step is an elementwise product, an ``index_add_`` (one correctly rounded add per
+    element, in entry order) or a ``row_sum``, so a run's numbers depend only on its own
+    entries and weights."""
+
+    @staticmethod
+    def forward(ctx, vals, rows, cols, W_FX, n_rows):
+        ctx.save_for_backward(vals, rows, cols, W_FX)
+        y = W_FX.new_zeros(n_rows, W_FX.shape[1])
+        for lo, hi in _chunks(len(cols), W_FX.shape[1]):
+            y.index_add_(0, rows[lo:hi], W_FX[cols[lo:hi]] * vals[lo:hi, None])
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_BX):
+        vals, rows, cols, W_FX = ctx.saved_tensors
+        g_vals = g_W = None
+        if ctx.needs_input_grad[0]:  # ⟨g_b, W_i⟩ for the listed entries only
+            g_vals = torch.empty_like(vals)
+            for lo, hi in _chunks(len(cols), W_FX.shape[1]):
+                g_vals[lo:hi] = row_sum(g_BX[rows[lo:hi]] * W_FX[cols[lo:hi]])
+        if ctx.needs_input_grad[3]:  # a_i · g_b scattered into the listed rows only
+            g_W = torch.zeros(W_FX.shape, dtype=W_FX.dtype, device=W_FX.device)
+            for lo, hi in _chunks(len(cols), W_FX.shape[1]):
+                g_W.index_add_(0, cols[lo:hi], g_BX[rows[lo:hi]] * vals[lo:hi, None])
+        return g_vals, None, None, g_W, None
+
+
+def sparse_source_decode(acts_BF: torch.Tensor, support_BF: torch.Tensor,
+                         W_FX: torch.Tensor) -> torch.Tensor:
+    """[B, X] = acts_BF @ W_FX reading only the rows of the features in ``support_BF``; the
+    backward likewise touches only those rows and computes the activations' gradient for
+    those features only. ``support_BF`` must cover every feature whose activation gradient
+    matters (for JumpReLU also the ones just below the threshold, which its straight-through
+    estimator reads)."""
+    rows, cols = support_BF.nonzero(as_tuple=True)  # row-major: each sample's entries in order
+    vals = acts_BF[rows, cols]
+    return _SparseDecode.apply(vals, rows, cols, W_FX, acts_BF.shape[0])
+
+
 class Transcoder(nn.Module):
+    """R runs of one shape. Decoders are stored per source layer s as ``W_dec_{s}``
+    [R, F, T_s, D] holding the blocks s→s..s+T_s-1: T_s = L - s when any run is a CLT, 1 when
+    all are PLTs. A PLT run in a mixed ensemble keeps its cross-layer slots at zero, and they
+    stay zero: the decode never reads them and every other reader masks them, so their
+    gradients are zero too."""
+
     # Run-independent products (``run_matmul``); False: BLAS's batched kernels, faster for
     # large ensembles of small transcoders, but a run's numbers then depend on its ensemble.
     exact: bool = True
+    # Decode sparse runs from their active features (see SPARSE_*); False: always dense.
+    sparse_decode: bool = True
 
-    def __init__(self, cfgs: list[TranscoderConfig], seeds: list[int] | None = None):
+    def __init__(self, cfgs: list[TranscoderConfig], seeds: list[int] | None = None,
+                 init: bool = True):
+        """``init=False`` leaves the weights uninitialised (torch.empty, no pages touched):
+        for loaders, which overwrite every tensor anyway."""
         super().__init__()
         require(len(cfgs) > 0, "Transcoder: expected at least one run config")
         base = shared_fields(cfgs[0])
@@ -150,11 +237,14 @@ class Transcoder(nn.Module):
         self.cfgs = list(cfgs)
         cfg = cfgs[0]
         R, L, F, D = len(cfgs), cfg.n_layers, cfg.n_features, cfg.d_model
-        self.W_enc = nn.Parameter(torch.zeros(R, L, D, F))
-        self.b_enc = nn.Parameter(torch.zeros(R, L, F))
-        self.W_dec = nn.Parameter(torch.zeros(R, L, L, F, D))
-        self.b_dec = nn.Parameter(torch.zeros(R, L, D))
-        self.W_skip = nn.Parameter(torch.zeros(R, L, D, D)) if cfg.skip else None
+        self.W_enc = nn.Parameter(torch.empty(R, L, D, F))
+        self.b_enc = nn.Parameter(torch.empty(R, L, F))
+        cross = any(c.arch != "plt" for c in cfgs)
+        self.n_targets = [L - s if cross else 1 for s in range(L)]
+        for s, T in enumerate(self.n_targets):
+            self.register_parameter(f"W_dec_{s}", nn.Parameter(torch.empty(R, F, T, D)))
+        self.b_dec = nn.Parameter(torch.empty(R, L, D))
+        self.W_skip = nn.Parameter(torch.empty(R, L, D, D)) if cfg.skip else None
         self.log_threshold = (
             nn.Parameter(torch.full((R, L, F), math.log(cfg.jumprelu_threshold_init)))
             if cfg.activation == "jumprelu" else None
@@ -163,9 +253,12 @@ class Transcoder(nn.Module):
         self.register_buffer("batchtopk_threshold", torch.zeros(R, L))
         masks = torch.stack([structure_mask(c.arch, L) for c in cfgs])
         self.register_buffer("decoder_mask_RST", masks)
+        # Only an ensemble mixing PLT and CLT runs stores slots that must be masked.
+        self.mixed = cross and any(c.arch == "plt" for c in cfgs) and L > 1
         ks = [c.k or 0 for c in cfgs]
         self.register_buffer("k_R", torch.tensor(ks, dtype=torch.long))
-        self.reset_parameters(seeds or list(range(R)))
+        if init:
+            self.reset_parameters(seeds or list(range(R)))
 
     # ---- construction ---------------------------------------------------------------
     @property
@@ -178,9 +271,12 @@ class Transcoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seeds: list[int]) -> None:
-        """Initialise each run from its own seed, so a run does not depend on its neighbours."""
+        """Initialise each run from its own seed, so a run does not depend on its neighbours
+        (nor on how many target slots the ensemble stores)."""
         cfg = self.cfg
         L, F, D = cfg.n_layers, cfg.n_features, cfg.d_model
+        for p in self.decoder_params():
+            p.zero_()
         for r, seed in enumerate(seeds):
             g = torch.Generator().manual_seed(int(seed))
             w = (torch.rand(L, D, F, generator=g) * 2 - 1) / D**0.5
@@ -188,21 +284,86 @@ class Transcoder(nn.Module):
             # Own-layer decoders start along the encoder's directions, every block at norm 0.1:
             # small, so early steps are driven by the data, and the same for cross-layer
             # blocks, so the initialisation favours neither skipping nor not skipping.
-            dec = torch.rand(L, L, F, D, generator=g) * 2 - 1
-            dec = dec / dec.norm(dim=-1, keepdim=True) * 0.1
-            diag = torch.arange(L)
-            dec[diag, diag] = w.transpose(1, 2) / w.transpose(1, 2).norm(dim=-1, keepdim=True) * 0.1
-            self.W_dec[r] = dec * self.decoder_mask_RST[r, :, :, None, None]
+            own = w.transpose(1, 2)
+            own = own / own.norm(dim=-1, keepdim=True) * 0.1
+            for s, W in enumerate(self.decoder_params()):
+                W[r, :, 0] = own[s]
+                for t in self.targets(s, r)[1:]:
+                    dec = torch.rand(F, D, generator=g) * 2 - 1
+                    W[r, :, t - s] = dec / dec.norm(dim=-1, keepdim=True) * 0.1
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
+        self.batchtopk_threshold.zero_()
 
-    # ---- forward ----------------------------------------------------------------------
-    def masked_W_dec(self) -> torch.Tensor:
-        return self.W_dec * self.decoder_mask_RST[:, :, :, None, None]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept state dicts written with the old dense ``W_dec`` [R, S, T, F, D]."""
+        dense = state_dict.pop(prefix + "W_dec", None)
+        if dense is not None:
+            for s, T in enumerate(self.n_targets):
+                state_dict[f"{prefix}W_dec_{s}"] = fit_targets(
+                    dense[:, s, s:].permute(0, 2, 1, 3), T).contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- decoder access -------------------------------------------------------------
+    def decoder_params(self) -> list[nn.Parameter]:
+        """The per-source decoder parameters W_dec_0..W_dec_{L-1}, [R, F, T_s, D] each."""
+        return [getattr(self, f"W_dec_{s}") for s in range(self.cfg.n_layers)]
+
+    def targets(self, s: int, run: int | None = None) -> range:
+        """Target layers stored for source ``s`` (of one run: those that exist for it)."""
+        T = self.n_targets[s]
+        if run is not None and self.cfgs[run].arch == "plt":
+            T = 1
+        return range(s, s + T)
+
+    def target_mask(self, s: int) -> torch.Tensor:
+        """[R, T_s] bool: which stored slots of source ``s`` exist for each run."""
+        return self.decoder_mask_RST[:, s, s:s + self.n_targets[s]]
+
+    def decoder_from(self, s: int, masked: bool = True) -> torch.Tensor:
+        """[R, F, T_s, D]: the decoders of layer s's features to layers s..s+T_s-1. Masked:
+        absent blocks read as zeros (a copy only in mixed PLT/CLT ensembles, else the
+        parameter itself)."""
+        W = getattr(self, f"W_dec_{s}")
+        if masked and self.mixed:
+            return W * self.target_mask(s)[:, None, :, None]
+        return W
+
+    def decoder_block(self, s: int, t: int, masked: bool = True) -> torch.Tensor:
+        """[R, F, D]: block s→t; zeros if no run stores it. Unmasked, a writable view."""
+        if t not in range(s, s + self.n_targets[s]):
+            require(masked, f"decoder block {s}->{t}: not stored (targets of source {s} are "
+                    f"{list(self.targets(s))})")
+            W = getattr(self, f"W_dec_{s}")
+            return W.new_zeros(W.shape[0], W.shape[1], W.shape[3])
+        block = getattr(self, f"W_dec_{s}")[:, :, t - s]
+        if masked and self.mixed:
+            return block * self.decoder_mask_RST[:, s, t, None, None]
+        return block
+
+    @torch.no_grad()
+    def set_decoder_block(self, s: int, t: int, W: torch.Tensor,
+                          runs: int | slice = slice(None)) -> None:
+        """Write block s→t ([F, D], or [R, F, D] for all runs) of the chosen runs."""
+        self.decoder_block(s, t, masked=False)[runs] = W
+
+    def dense_W_dec(self) -> torch.Tensor:
+        """[R, S, T, F, D]: the masked decoder in dense L×L form, for small toys and reference
+        checks only; at real sizes it holds ~L/2 times the stored weights."""
+        R, L, F, D = self.n_runs, self.cfg.n_layers, self.cfg.n_features, self.cfg.d_model
+        W = self.W_enc.new_zeros(R, L, L, F, D)
+        for s, T in enumerate(self.n_targets):
+            W[:, s, s:s + T] = self.decoder_from(s).permute(0, 2, 1, 3)
+        return W
+
+    masked_W_dec = dense_W_dec  # the old name
 
     def threshold(self) -> torch.Tensor | None:
         return None if self.log_threshold is None else self.log_threshold.exp()
 
+    # ---- forward ----------------------------------------------------------------------
     def _per_layer(self, x_BLD: torch.Tensor, W_RLDE: torch.Tensor) -> torch.Tensor:
         """[R,B,L,E]: x_l W^l for each run and layer; x shared ([B,L,D]) or per run."""
         if not self.exact:
@@ -233,18 +394,97 @@ class Transcoder(nn.Module):
             self.batchtopk_threshold.lerp_(cut_RL, 0.01)
         return acts
 
-    def write(self, acts_RBLF: torch.Tensor) -> torch.Tensor:
-        """[R,B,T,D]: Σ_s a_s W_dec^{s→t}, what the features write (no bias, no skip)."""
-        if not self.exact:
-            return torch.einsum("rbsf,rstfd->rbtd", acts_RBLF, self.masked_W_dec())
-        R, B, S, F = acts_RBLF.shape
-        W_R1XY = self.masked_W_dec().permute(0, 1, 3, 2, 4).reshape(R, 1, S * F, -1)
-        y = run_matmul(acts_RBLF.reshape(R, 1, B, S * F), W_R1XY)
-        return y.view(R, B, S, -1)  # T = S: every layer is both a source and a target
+    def support(self, pre_RBLF: torch.Tensor, acts_RBLF: torch.Tensor) -> torch.Tensor:
+        """[R,B,L,F] bool: the features a sparse decode must read. The active ones; for
+        JumpReLU under autograd also those within half a bandwidth below the threshold,
+        whose activation gradient feeds the threshold's straight-through estimator."""
+        on = acts_RBLF != 0
+        if self.cfg.activation == "jumprelu" and torch.is_grad_enabled():
+            near = pre_RBLF > self.threshold()[:, None] - self.cfg.jumprelu_bandwidth / 2
+            on = on | near.detach()
+        return on
 
-    def decode(self, acts_RBLF: torch.Tensor, x_BLD: torch.Tensor | None = None) -> torch.Tensor:
+    def may_decode_sparsely(self) -> bool:
+        """Wide enough, and an activation that leaves most features at exactly zero."""
+        cfg = self.cfg
+        return (self.sparse_decode and cfg.activation in SPARSE_ACTIVATIONS
+                and cfg.n_features >= SPARSE_MIN_FEATURES)
+
+    def sparse_runs(self, support_RBLF: torch.Tensor) -> torch.Tensor | None:
+        """[R] bool: the runs to decode sparsely, each judged on its own activations only (so
+        the choice, like everything else, does not depend on the other runs); None: none."""
+        if not self.may_decode_sparsely():
+            return None
+        on_R = support_RBLF.flatten(1).sum(1)
+        chosen = on_R <= SPARSE_MAX_SHARE * support_RBLF[0].numel()
+        return chosen if bool(chosen.any()) else None
+
+    def _product(self, a_RBF: torch.Tensor, W_RFX: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return run_matmul(a_RBF[:, None], W_RFX[:, None])[:, 0]
+        return torch.bmm(a_RBF, W_RFX)
+
+    def _group_weights(self, s: int, runs: torch.Tensor | None, plt: bool) -> torch.Tensor:
+        """[R_g, F, T_g, D]: source s's decoders for a group of runs. PLT runs in a mixed
+        ensemble read their own-layer slot only, exactly the weights they hold alone, so
+        they compute what they compute alone, and their cross-layer slots are never read
+        (zero gradient) without any masking."""
+        W = getattr(self, f"W_dec_{s}")
+        if plt and W.shape[2] > 1:
+            W = W[:, :, :1]
+        return W if runs is None else W[runs]
+
+    def _write_group(self, acts_RBLF, support_RBLF, runs, plt: bool) -> torch.Tensor:
+        """[R_g,B,L,D] for runs of one kind (dense or sparse decode; PLT or not)."""
+        R, B, L, F = acts_RBLF.shape
+        y = acts_RBLF.new_zeros(R, B, L, self.cfg.d_model)
+        # unbind, not acts[:, :, s]: the backward of L selections would build L gradients
+        # the size of all activations, the backward of one unbind stacks L slices once.
+        for s, a_RBF in enumerate(acts_RBLF.unbind(2)):  # a fixed order of sources
+            W = self._group_weights(s, runs, plt)
+            T = W.shape[2]
+            if support_RBLF is None:
+                part = self._product(a_RBF, W.reshape(R, F, -1))
+            else:  # each run alone: its numbers never see another run's
+                part = torch.stack([sparse_source_decode(a, sup, W_r.reshape(F, -1))
+                                    for a, sup, W_r in zip(a_RBF.unbind(0),
+                                                           support_RBLF[:, :, s].unbind(0),
+                                                           W.unbind(0), strict=True)])
+            y[:, :, s:s + T] += part.view(R, B, T, -1)
+        return y
+
+    def _run_groups(self, sparse_R: torch.Tensor | None) -> list[tuple[list[int], bool, bool]]:
+        """(runs, sparse, plt) groups that decode alike, in run order."""
+        keys = [(sparse_R is not None and bool(sparse_R[r]), self.mixed and c.arch == "plt")
+                for r, c in enumerate(self.cfgs)]
+        return [([r for r, k in enumerate(keys) if k == key], *key)
+                for key in sorted(set(keys))]
+
+    def write(self, acts_RBLF: torch.Tensor, support_RBLF: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """[R,B,T,D]: Σ_s a_s W_dec^{s→t}, what the features write (no bias, no skip), summed
+        over sources in a fixed order. Sparse runs read only the features in
+        ``support_RBLF`` (default: the active ones)."""
+        sparse_R = support = None
+        if self.may_decode_sparsely():
+            support = acts_RBLF != 0 if support_RBLF is None else support_RBLF
+            sparse_R = self.sparse_runs(support)
+        groups = self._run_groups(sparse_R)
+        if len(groups) == 1:  # no copies of the weights: the common case
+            _, sparse, plt = groups[0]
+            return self._write_group(acts_RBLF, support if sparse else None, None, plt)
+        out = None
+        for runs, sparse, plt in groups:
+            idx = torch.tensor(runs, device=acts_RBLF.device)
+            y = self._write_group(acts_RBLF[idx], support[idx] if sparse else None, idx, plt)
+            out = y.new_zeros(len(self.cfgs), *y.shape[1:]) if out is None else out
+            out = out.index_put((idx,), y)
+        return out
+
+    def decode(self, acts_RBLF: torch.Tensor, x_BLD: torch.Tensor | None = None,
+               support_RBLF: torch.Tensor | None = None) -> torch.Tensor:
         """ŷ_t = Σ_{s} a_s W_dec^{s→t} + b_dec^t (+ W_skip x_t); absent blocks are masked."""
-        y = self.write(acts_RBLF) + self.b_dec[:, None]
+        y = self.write(acts_RBLF, support_RBLF) + self.b_dec[:, None]
         if self.W_skip is not None and x_BLD is not None:
             y = y + self._per_layer(x_BLD, self.W_skip)
         return y
@@ -252,38 +492,53 @@ class Transcoder(nn.Module):
     def forward(self, x_BLD: torch.Tensor) -> TranscoderOutput:
         pre = self.encode(x_BLD)
         acts = self.activate(pre)
-        return TranscoderOutput(pre, acts, self.decode(acts, x_BLD))
+        support = self.support(pre, acts) if self.may_decode_sparsely() else None
+        return TranscoderOutput(pre, acts, self.decode(acts, x_BLD, support))
 
     # ---- quantities the penalties and metrics read ------------------------------------
     def contributions(self, acts_RBLF: torch.Tensor) -> torch.Tensor:
         """[R,B,S,T,D]: what layer s's features write to layer t (b_dec excluded)."""
-        if not self.exact:
-            return torch.einsum("rbsf,rstfd->rbstd", acts_RBLF, self.masked_W_dec())
-        y_RSTBD = run_matmul(acts_RBLF.transpose(1, 2)[:, :, None], self.masked_W_dec())
-        return y_RSTBD.permute(0, 3, 1, 2, 4).contiguous()
+        R, B, L, F = acts_RBLF.shape
+        out = acts_RBLF.new_zeros(R, B, L, L, self.cfg.d_model)
+        for s, a_RBF in enumerate(acts_RBLF.unbind(2)):
+            W = self.decoder_from(s)
+            T = W.shape[2]
+            out[:, :, s, s:s + T] = self._product(a_RBF, W.reshape(R, F, -1)).view(R, B, T, -1)
+        return out
 
     def decoder_block_norms(self) -> torch.Tensor:
         """[R,S,T,F]: ‖W_dec,i^{s→t}‖₂ for each feature and block (0 for absent blocks)."""
-        # Mask the norms, not the [R,S,T,F,D] weights: the same numbers (an absent block is
-        # stored as zeros, and the norm's gradient at 0 is 0) for a tenth of the work.
-        return self.W_dec.norm(dim=-1) * self.decoder_mask_RST[..., None]
+        L = self.cfg.n_layers
+        rows = []
+        for s, T in enumerate(self.n_targets):
+            # Mask the norms, not the weights: the same numbers (an absent block reads as
+            # zeros, whose norm's gradient is 0) for a fraction of the work.
+            n_RTF = getattr(self, f"W_dec_{s}").norm(dim=-1).transpose(1, 2)
+            if self.mixed:
+                n_RTF = n_RTF * self.target_mask(s)[..., None]
+            rows.append(nn.functional.pad(n_RTF, (0, 0, s, L - s - T)))
+        return torch.stack(rows, 1)
 
     # ---- ensembles --------------------------------------------------------------------
+    def _fitted(self, state: dict) -> dict:
+        """``state`` with per-source decoders cut or padded to this transcoder's slots."""
+        for s, T in enumerate(self.n_targets):
+            state[f"W_dec_{s}"] = fit_targets(state[f"W_dec_{s}"], T)
+        return state
+
     @torch.no_grad()
     def select(self, runs: list[int]) -> Transcoder:
         """A new transcoder holding copies of the chosen runs."""
-        out = Transcoder([self.cfgs[r] for r in runs])
-        src, dst = self.state_dict(), out.state_dict()
-        for name in dst:
-            dst[name] = src[name][runs].clone()
-        out.load_state_dict(dst)
+        out = Transcoder([self.cfgs[r] for r in runs], init=False)
+        src = self.state_dict()
+        out.load_state_dict(out._fitted({k: src[k][runs].clone() for k in out.state_dict()}))
         return out
 
     @staticmethod
     @torch.no_grad()
     def stack(parts: list[Transcoder]) -> Transcoder:
         """Concatenate transcoders with compatible shapes into one ensemble."""
-        out = Transcoder([c for p in parts for c in p.cfgs])
-        states = [p.state_dict() for p in parts]
+        out = Transcoder([c for p in parts for c in p.cfgs], init=False)
+        states = [out._fitted(p.state_dict()) for p in parts]
         out.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
         return out

@@ -23,7 +23,7 @@ def _tc(**kw):
     tc = Transcoder([cfg])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec):
+        for p in (tc.W_enc, tc.b_enc, *tc.decoder_params(), tc.b_dec):
             p.copy_(torch.randn(p.shape, generator=g))
     return tc
 
@@ -48,7 +48,7 @@ def test_feature_norms_on_hand_made_blocks():
 
 def test_feature_norms_agree_with_decoder_vectors():
     tc = _tc(arch="clt")
-    W = tc.masked_W_dec().detach()  # [R, S, T, F, D]
+    W = tc.dense_W_dec().detach()  # [R, S, T, F, D]
     concat = feature_norms(tc.decoder_block_norms(), "concatenated")
     for s in range(L):
         for f in range(F):
@@ -163,8 +163,8 @@ def test_auxk_loss_zero_without_dead_and_positive_with_dead():
 
     # With the dead features' decoders zeroed, AuxK explains nothing: normalised loss is 1.
     with torch.no_grad():
-        tc.W_dec[0, 1, :, 2] = 0
-        tc.W_dec[0, 0, :, 3] = 0
+        tc.W_dec_1[0, 2] = 0  # [R, F, T_s, D]: every target of the feature
+        tc.W_dec_0[0, 3] = 0
     out = tc(x)
     torch.testing.assert_close(auxk_loss(tc, out, y, dead), torch.ones(1))
 

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import torch
-from clt_eval.training.config import TrainConfig
-from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 from clt_eval.config import LossConfig, TranscoderConfig
 from clt_eval.errors import CltEvalError
+from clt_eval.training.config import TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 from clt_eval.transcoder import Transcoder, structure_mask
 
 D, L, F = 6, 3, 4
@@ -52,34 +52,43 @@ def test_structure_masks():
     assert torch.equal(tc.decoder_mask_RST[1], structure_mask("clt", L))
 
 
-def test_plt_off_diagonal_blocks_contribute_nothing():
+def test_plt_stores_only_own_layer_blocks():
     tc = _randomize(Transcoder([_cfg(arch="plt")]))
-    # W_dec is full of random values in every block, including the absent off-diagonal ones.
-    assert (tc.W_dec[0, 0, 1].abs() > 0).all()
+    # A PLT-only ensemble stores one target slot per source: L·F·D decoder weights.
+    assert [list(W.shape) for W in tc.decoder_params()] == [[1, F, 1, D]] * L
     acts = torch.rand(1, 5, L, F)
     got = tc.decode(acts)
-    want = _hand_decode(acts, tc.W_dec.detach(), tc.b_dec.detach(), lambda s, t: s == t)
+    want = _hand_decode(acts, tc.dense_W_dec().detach(), tc.b_dec.detach(), lambda s, t: s == t)
     torch.testing.assert_close(got, want)
     contrib = tc.contributions(acts)
     off = ~torch.eye(L, dtype=torch.bool)
     assert (contrib[:, :, off] == 0).all()
     norms = tc.decoder_block_norms()
     assert (norms[:, off] == 0).all() and (norms[:, ~off] > 0).all()
+    with pytest.raises(CltEvalError, match="decoder block 0->1: not stored"):
+        tc.set_decoder_block(0, 1, torch.zeros(F, D))
 
 
 def test_clt_decode_equals_hand_loop_over_earlier_layers():
     tc = _randomize(Transcoder([_cfg(arch="clt"), _cfg(arch="plt")]), seed=1)
+    # A mixed ensemble stores L-s target slots per source; the PLT's cross-layer slots hold
+    # random values here and must contribute nothing.
+    assert [W.shape[2] for W in tc.decoder_params()] == [L - s for s in range(L)]
+    assert (tc.decoder_block(0, 1, masked=False)[1].abs() > 0).all()
     acts = torch.rand(2, 7, L, F)
     got = tc.decode(acts)
-    W, b = tc.W_dec.detach(), tc.b_dec.detach()
+    W = torch.zeros(2, L, L, F, D)  # every stored slot, masked or not
+    for s in range(L):
+        for t in tc.targets(s):
+            W[:, s, t] = tc.decoder_block(s, t, masked=False).detach()
+    b = tc.b_dec.detach()
     torch.testing.assert_close(got[:1], _hand_decode(acts[:1], W[:1], b[:1], lambda s, t: s <= t))
     torch.testing.assert_close(got[1:], _hand_decode(acts[1:], W[1:], b[1:], lambda s, t: s == t))
-    # Later layers never write back to earlier ones, whatever W_dec holds there.
-    with torch.no_grad():
-        tc.W_dec[:, 2, 0] += 100.0
-    torch.testing.assert_close(tc.decode(acts), got)
     # contributions summed over sources plus b_dec is the reconstruction.
     torch.testing.assert_close(tc.contributions(acts).sum(2) + b[:, None], got)
+    # The PLT run's cross-layer slots get no gradient.
+    tc.decode(acts).pow(2).sum().backward()
+    assert (tc.W_dec_0.grad[1, :, 1:] == 0).all() and (tc.W_dec_0.grad[0, :, 1:] != 0).any()
 
 
 def test_forward_encodes_with_each_runs_encoder():
@@ -204,8 +213,12 @@ def test_select_stack_round_trip():
 
     back = Transcoder.stack([tc.select([0]), tc.select([1, 2])])
     assert back.cfgs == tc.cfgs
+    assert [W.shape[2] for W in tc.select([0]).decoder_params()] == [1] * L
+    want = tc.state_dict()
+    for s in range(L):  # the PLT's cross-layer slots: dropped alone, zeros once stacked again
+        want[f"W_dec_{s}"] = tc.decoder_from(s).detach()
     for name, value in back.state_dict().items():
-        assert torch.equal(value, tc.state_dict()[name]), name
+        assert torch.equal(value, want[name]), name
     # Copies, not views: changing the selection leaves the original alone.
     with torch.no_grad():
         picked.W_enc.zero_()
@@ -252,8 +265,9 @@ def test_ensemble_runs_train_independently(name, x_BLD, y_BLD):
         alone = fit([cfgs[r]], [seeds[r]], [coefs[r]], loss_r)
         start = Transcoder([cfgs[r]], seeds=[seeds[r]])
         moved = False
+        mine = dict(both.select([r]).named_parameters())  # the run's own decoder slots
         for pname, p in alone.named_parameters():
-            torch.testing.assert_close(getattr(both, pname)[r:r + 1], p, atol=1e-5, rtol=0,
+            torch.testing.assert_close(mine[pname], p, atol=1e-5, rtol=0,
                                        msg=lambda m, pname=pname, r=r: f"{pname}[{r}]: {m}")
             moved |= not torch.allclose(p, getattr(start, pname), atol=1e-4)
         assert moved, "training changed nothing, so the comparison proves nothing"

@@ -86,10 +86,10 @@ def decode_layer(tc: Transcoder, acts: dict[int, torch.Tensor], x_RND: torch.Ten
                  layer: int) -> torch.Tensor:
     """ŷ_ℓ = Σ_{s≤ℓ} W_dec^{s→ℓ} a_s + b_dec^ℓ (+ W_skip^ℓ x_ℓ), [R, N, D]; absent blocks are
     masked, so a PLT reads only s = ℓ."""
-    W = tc.masked_W_dec()
     y = tc.b_dec[:, layer, None].expand(x_RND.shape).clone()
     for s in range(layer + 1):
-        y = y + torch.einsum("rnf,rfd->rnd", acts[s], W[:, s, layer])
+        if layer in tc.targets(s):  # a PLT-only ensemble stores no cross-layer block
+            y = y + torch.einsum("rnf,rfd->rnd", acts[s], tc.decoder_block(s, layer))
     if tc.W_skip is not None:
         y = y + torch.einsum("rnd,rde->rne", x_RND, tc.W_skip[:, layer])
     return y

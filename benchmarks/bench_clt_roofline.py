@@ -1,0 +1,135 @@
+"""How close does a CLT training step come to the machine's matmul rate?
+
+Measures torch.mm's rate (GFLOP/s) at representative sizes, then times a CLT training step
+(forward, loss, backward, Adam) with the real Transcoder, losses and torch.optim.Adam, as the
+trainer runs it, and prints:
+
+* step time;
+* useful FLOPs: only decoder blocks that exist, Σ_s (L−s)·F·D for the decoder and L·D·F for
+  the encoder, × 2 (multiply-add) × 3 (forward, data gradient, weight gradient) × batch;
+* the achieved share of the measured matmul rate (target ≥ 70%);
+* the share of decoder FLOPs spent on blocks that do not exist (0 with per-source storage;
+  the dense L×L decoder this replaced spent 1 − Σ_s(L−s)/L² of them on absent blocks).
+
+The encoder needs no data gradient (its input is data), so the ×3 overstates the encoder's
+work by a third; the FLOPs the step actually requires are printed too. Shares are given per
+wall-clock second and per CPU-second of this process: on a shared machine the wall-clock
+rates of the matmul probe and of the step see different loads, while work per CPU-second
+does not depend on how long the process waited for a core.
+
+    .venv/bin/python benchmarks/bench_clt_roofline.py [--steps N] [--activation relu|topk]
+        [--k K] [--batch B] [--dense] [--inexact]
+
+With TopK at k/F <= 1/16 the decode is sparse and does fewer FLOPs than the count above
+(which prices a dense decode); compare its step time with ``--dense``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from clt_eval.config import LossConfig, TranscoderConfig
+from clt_eval.losses import training_loss
+from clt_eval.transcoder import Transcoder
+
+MM_SIZES = [(4096, 512, 4096), (4096, 4096, 512)]  # the step's encoder and decoder shapes
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def mm_rate(M: int, K: int, N: int, reps: int = 3) -> tuple[float, float]:
+    """(GFLOP per wall second, GFLOP per CPU second) of torch.mm [M,K] @ [K,N], best of
+    ``reps`` after one warm-up."""
+    a, b = torch.randn(M, K), torch.randn(K, N)
+    out = torch.empty(M, N)
+    torch.mm(a, b, out=out)
+    runs = [timed(lambda: torch.mm(a, b, out=out)) for _ in range(reps)]
+    flop = 2 * M * K * N / 1e9
+    return flop / min(w for w, _ in runs), flop / min(c for _, c in runs)
+
+
+def step_flops(tc: Transcoder, B: int) -> dict:
+    L, F, D = tc.cfg.n_layers, tc.cfg.n_features, tc.cfg.d_model
+    existing = int(tc.decoder_mask_RST[0].sum())  # blocks s→t that exist: Σ_s (L−s) for a CLT
+    stored = sum(tc.n_targets)  # blocks the decode multiplies by
+    enc, dec = L * D * F, existing * F * D
+    return {"useful": 2 * 3 * B * (enc + dec),  # the brief's count
+            "required": 2 * B * (2 * enc + 3 * dec),  # no data gradient for the encoder
+            "absent_share": (stored - existing) / stored,
+            "dense_absent_share": (L * L - existing) / (L * L)}
+
+
+def make_step(tc: Transcoder, loss_cfg: LossConfig):
+    opt = torch.optim.Adam(tc.parameters(), lr=1e-4, foreach=True)  # the trainer's exact kernel
+    coef = torch.full((tc.n_runs,), 1e-3)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        out = tc(x)
+        loss = training_loss(tc, out, y, loss_cfg, coef).total_R
+        loss.sum().backward()
+        opt.step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--features", type=int, default=4096)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps (after a warm-up)")
+    ap.add_argument("--activation", choices=["relu", "topk"], default="relu")
+    ap.add_argument("--k", type=int, default=64, help="TopK's k per layer")
+    ap.add_argument("--inexact", action="store_true", help="batched kernels (exact=False)")
+    ap.add_argument("--dense", action="store_true", help="never decode sparsely")
+    args = ap.parse_args()
+    L, F, D, B = args.layers, args.features, args.d_model, args.batch
+
+    rates = {s: mm_rate(*s) for s in MM_SIZES}
+    for (M, K, N), (w, c) in rates.items():
+        print(f"torch.mm [{M}x{K}] @ [{K}x{N}]: {w:8.1f} GFLOP/s wall, {c:8.1f} GFLOP per "
+              "CPU-second")
+    roof_w = max(w for w, _ in rates.values())
+    roof_c = max(c for _, c in rates.values())
+    print(f"matmul roofline (best of the above): {roof_w:.1f} GFLOP/s wall, {roof_c:.1f} GFLOP "
+          f"per CPU-second, {torch.get_num_threads()} threads")
+
+    topk = args.activation == "topk"
+    cfg = TranscoderConfig(d_model=D, n_layers=L, n_features=F, arch="clt",
+                           activation=args.activation, k=args.k if topk else None)
+    loss_cfg = (LossConfig(penalty="topk", decoder_norm="none") if topk
+                else LossConfig(penalty="l1", decoder_norm="concatenated"))
+    tc = Transcoder([cfg])
+    tc.exact = not args.inexact
+    tc.sparse_decode = not args.dense
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+    step = make_step(tc, loss_cfg)
+    step(x[:256], y[:256])  # warm-up on a slice (Adam's state, first-call costs), 1/16 the work
+    times = [timed(lambda: step(x, y)) for _ in range(args.steps)]
+    t, cpu = min(w for w, _ in times), min(c for _, c in times)
+    fl = step_flops(tc, B)
+    sparse = tc.sparse_runs(tc(x[:64]).acts_RBLF != 0) is not None
+    print(f"CLT step: L={L} F={F} D={D} batch={B} {args.activation} "
+          f"({'exact' if tc.exact else 'batched'} kernels, "
+          f"{'sparse' if sparse else 'dense'} decode)")
+    print(f"step time: {t:.2f} s wall, {cpu:.2f} CPU-seconds (best of {len(times)})")
+    for what, flop in (("useful", fl["useful"]), ("required", fl["required"])):
+        print(f"{what} FLOPs: {flop / 1e12:.3f} TFLOP -> {flop / t / 1e9:.1f} GFLOP/s wall = "
+              f"{flop / t / 1e9 / roof_w:.1%} of the roofline; per CPU-second "
+              f"{flop / cpu / 1e9:.1f} = {flop / cpu / 1e9 / roof_c:.1%}")
+    print(f"decoder FLOPs on absent blocks: {fl['absent_share']:.1%} "
+          f"(dense L×L storage: {fl['dense_absent_share']:.1%})")
+
+
+if __name__ == "__main__":
+    main()

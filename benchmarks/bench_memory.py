@@ -1,0 +1,107 @@
+"""Peak memory of loading a real-size CLT: does lazy loading stay near 1× the tensors' size?
+
+Writes a synthetic 12-layer CLT (F=4096, D=768, ~1.1 GB of float32) as a clt-eval folder, then
+in a fresh subprocess loads it and runs a small batch of activations through it, measuring the
+peak resident memory (ru_maxrss) above the baseline after importing torch and clt_eval. Prints
+the ratio to the tensors' total size (target ≤ 1.2) and the peak that ratio projects for
+Gemma-2-2B's CLT shape (26 layers × 16,384 features × d_model 2,304).
+
+    .venv/bin/python benchmarks/bench_memory.py [--layers 12 --features 4096 --d-model 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GEMMA = dict(layers=26, features=16_384, d_model=2_304)
+
+
+def tensor_bytes(L: int, F: int, D: int) -> int:
+    """float32 bytes of a ReLU CLT: encoders, per-source decoders (Σ_s (L-s) blocks), biases."""
+    blocks = L * (L + 1) // 2
+    return 4 * (L * D * F + L * F + blocks * F * D + L * D)
+
+
+def write_clt(folder: Path, L: int, F: int, D: int) -> None:
+    import safetensors.torch
+    import torch
+
+    from clt_eval.config import TranscoderConfig
+    from clt_eval.io import CONFIG_FILE, FORMAT, VERSION, WEIGHTS_FILE
+
+    cfg = TranscoderConfig(d_model=D, n_layers=L, n_features=F, arch="clt")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"W_enc": torch.randn(L, D, F, generator=g) / D**0.5,
+               "b_enc": torch.zeros(L, F), "b_dec": torch.zeros(L, D)}
+    for s in range(L):
+        tensors[f"W_dec_{s}"] = torch.randn(F, L - s, D, generator=g) * 0.01
+    folder.mkdir(parents=True)
+    config = {"format": FORMAT, "version": VERSION, "transcoder": cfg.to_dict(), "extra": {}}
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_FILE))
+
+
+CHILD = """
+import resource, sys, torch
+from clt_eval.io import load_transcoder
+torch.randn(8, 8) @ torch.randn(8, 8)  # BLAS and the allocator warmed up: part of the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tc = load_transcoder(sys.argv[1])
+after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    x = torch.randn(8, tc.cfg.n_layers, tc.cfg.d_model)
+    out = tc(x)
+assert torch.isfinite(out.recon_RBLD).all()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(base, after_load, peak)
+"""
+
+
+def measure(folder: Path) -> tuple[int, int, int]:
+    """(baseline, after load, peak after a forward pass) ru_maxrss of a fresh process, bytes."""
+    res = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True,
+                         text=True, check=True)
+    return tuple(int(v) * 1024 for v in res.stdout.split())  # Linux: ru_maxrss is in KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--features", type=int, default=4096)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: the writer
+    args = ap.parse_args()
+    L, F, D = args.layers, args.features, args.d_model
+    if args.write:
+        write_clt(args.write, L, F, D)
+        return
+    size = tensor_bytes(L, F, D)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "clt"
+        # Written by another process: a child's ru_maxrss starts from its parent's resident
+        # size at fork, so this process must stay small for the measurement to mean anything.
+        subprocess.run([sys.executable, __file__, "--write", str(folder), "--layers", str(L),
+                        "--features", str(F), "--d-model", str(D)], check=True)
+        base, after_load, peak = measure(folder)
+    gib = 2**30
+    ratio = (peak - base) / size
+    print(f"CLT L={L} F={F} D={D}: tensors {size / gib:.3f} GiB "
+          f"(dense L×L decoder would be {4 * L * L * F * D / gib:.3f} GiB)")
+    print(f"baseline RSS after imports   {base / gib:.3f} GiB")
+    print(f"peak RSS above baseline      load {(after_load - base) / gib:.3f} GiB, "
+          f"load + forward {(peak - base) / gib:.3f} GiB")
+    print(f"peak / tensors size          {ratio:.3f}  (target <= 1.2)")
+    g = GEMMA
+    gemma = tensor_bytes(g["layers"], g["features"], g["d_model"])
+    print(f"Gemma-2-2B CLT ({g['layers']} layers x {g['features']} features x d_model "
+          f"{g['d_model']}): tensors {gemma / gib:.1f} GiB, projected peak "
+          f"{ratio * gemma / gib:.1f} GiB above baseline")
+
+
+if __name__ == "__main__":
+    main()

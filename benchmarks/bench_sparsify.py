@@ -1,0 +1,148 @@
+"""One TopK transcoder training step, clt-eval vs EleutherAI's sparsify, at the same shapes.
+
+A per-layer transcoder from d_model 512 to 8192 features, k = 32 per sample, batch 4096:
+forward, backward and an Adam step. clt-eval is timed through its real trainer
+(``clt_eval.training.trainer.train``: TopK activation, MSE loss, divergence guard, AuxK's
+dead-feature clock) in this process; sparsify's ``SparseCoder(transcode=True)`` is timed in
+its own virtual environment, ``benchmarks/.venv-sparsify`` (created on first use: the CPU
+torch wheel the project uses plus the ``eai-sparsify`` package from PyPI; never installed
+into the project's environment, never a project dependency), with its training loss
+(``fvu``; its AuxK term is 0 with no dead latents, as here), backward and ``torch.optim.Adam``.
+Both use the same number of threads, the same random data, ``--warmup`` untimed steps and
+the median of ``--steps`` timed ones. The issue's target: clt-eval >= 1.5x faster.
+
+    .venv/bin/python benchmarks/bench_sparsify.py [--threads 2] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VENV = Path(__file__).resolve().parent / ".venv-sparsify"
+TORCH_WHEEL = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+SPARSIFY = "eai-sparsify"
+
+# Runs inside sparsify's environment: prints {"times": [...], "version": ...} as JSON.
+SPARSIFY_STEP = r"""
+import json, sys, time
+import importlib.metadata as md
+import torch
+from sparsify import SparseCoder, SparseCoderConfig
+
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(a["batch"], a["d_model"], generator=g)
+y = torch.randn(a["batch"], a["d_model"], generator=g)
+sc = SparseCoder(a["d_model"], SparseCoderConfig(num_latents=a["features"], k=a["k"],
+                                                 transcode=True))
+opt = torch.optim.Adam(sc.parameters(), lr=1e-3)
+times = []
+for i in range(a["warmup"] + a["steps"]):
+    t0 = time.perf_counter()
+    out = sc(x, y)
+    loss = out.fvu + out.auxk_loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times[a["warmup"]:], "version": md.version("eai-sparsify")}))
+"""
+
+
+def parse():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--features", type=int, default=8192)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    return p.parse_args()
+
+
+def ensure_venv() -> Path:
+    """sparsify's own environment, created once (minutes: it pulls transformers, datasets)."""
+    python = VENV / "bin" / "python"
+    ok = python.exists() and subprocess.run(
+        [str(python), "-c", "import sparsify"], capture_output=True).returncode == 0
+    if not ok:
+        print(f"creating {VENV} (torch from {TORCH_WHEEL}, {SPARSIFY} from PyPI)", flush=True)
+        subprocess.run([sys._base_executable, "-m", "venv",
+                        "--clear", str(VENV)], check=True)
+        wheel = TORCH_WHEEL if Path(TORCH_WHEEL).is_file() else "torch==2.13.0"
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run(pip + [wheel], check=True)
+        subprocess.run(pip + [SPARSIFY], check=True)
+    return python
+
+
+def time_sparsify(args) -> tuple[list[float], str]:
+    python = ensure_venv()
+    spec = {"batch": args.batch, "d_model": args.d_model, "features": args.features,
+            "k": args.k, "threads": args.threads, "warmup": args.warmup, "steps": args.steps}
+    res = subprocess.run([str(python), "-c", SPARSIFY_STEP, json.dumps(spec)],
+                         capture_output=True, text=True, cwd="/",
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    if res.returncode != 0:
+        sys.exit(f"sparsify step failed:\n{res.stderr[-3000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return out["times"], out["version"]
+
+
+class StepClock:
+    """The trainer's progress hook: a timestamp after every step."""
+
+    def __init__(self):
+        self.stamps = [time.perf_counter()]
+
+    def update(self, n: int) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def time_clt_eval(args) -> list[float]:
+    from clt_eval.training.config import RunSpec, TrainConfig
+    from clt_eval.training.trainer import train
+    from clt_eval.transcoder import Transcoder
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 1, args.d_model, generator=g)
+    y = torch.randn(args.batch, 1, args.d_model, generator=g)
+    spec = RunSpec(arch="plt", penalty="topk", decoder_norm="none", k=args.k,
+                   topk_mode="per_layer", n_features=args.features)
+    tc = Transcoder([spec.transcoder_config(args.d_model, 1)], seeds=[0])
+    n = args.warmup + args.steps
+    clock = StepClock()
+    cfg = TrainConfig(steps=n, lr=1e-3, lr_warmup_steps=0, log_every=0, device="cpu")
+    batches = iter(lambda: (x, y), None)
+    train(tc, spec.loss_config(), torch.zeros(1), batches, cfg, progress=clock)
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    return steps[args.warmup:]
+
+
+def main() -> None:
+    args = parse()
+    shapes = (f"batch {args.batch}, d_model {args.d_model} -> {args.features} features, "
+              f"k={args.k}, {args.threads} threads, median of {args.steps} steps after "
+              f"{args.warmup} warm-up")
+    print(shapes, flush=True)
+    ours = statistics.median(time_clt_eval(args))
+    print(f"clt-eval          : {ours * 1e3:8.0f} ms/step", flush=True)
+    theirs, version = time_sparsify(args)
+    theirs = statistics.median(theirs)
+    print(f"sparsify {version:9}: {theirs * 1e3:8.0f} ms/step", flush=True)
+    print(f"sparsify / clt-eval: {theirs / ours:.2f}x  (target >= 1.5x: clt-eval faster)")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+
+from clt_eval.errors import CltEvalError
 from clt_eval.training.checkpoint import Checkpoint
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
-
-from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder
 
 B, L, D, F = 13, 3, 7, 5
@@ -50,7 +50,7 @@ def _fit(specs, data, steps=80, sabotage=None, checkpoint=None, tc=None, **cfg):
         batches = _sabotage(batches, [tc], *sabotage)
     final = train(tc, [s.loss_config() for s in specs],
                   torch.tensor([s.sparsity_coef for s in specs]), batches,
-                  TrainConfig(steps=steps, lr=0.02, log_every=0, **cfg),
+                  TrainConfig(steps=steps, lr=0.02, log_every=0, device="cpu", **cfg),
                   checkpoint=checkpoint, run_names=[f"r{i}" for i in range(len(specs))])
     return tc, final
 
@@ -60,7 +60,8 @@ def _nan(tc, r):
 
 
 def _blow_up(tc, r):
-    tc.W_dec.data[r] *= 1e4
+    for W in tc.decoder_params():
+        W.data[r] *= 1e4
 
 
 def _assert_runs_equal(a, ia, b, ib):
@@ -117,7 +118,7 @@ def test_divergence_survives_a_checkpoint(data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(first, [s.loss_config() for s in SPECS],
               torch.tensor([s.sparsity_coef for s in SPECS]), batches,
-              TrainConfig(steps=60, lr=0.02, log_every=0), checkpoint=ckpt)
+              TrainConfig(steps=60, lr=0.02, log_every=0, device="cpu"), checkpoint=ckpt)
     fresh = Transcoder([s.transcoder_config(D, L) for s in SPECS], seeds=[s.seed for s in SPECS])
     _, resumed = _fit(SPECS, data, steps=60, checkpoint=Checkpoint(ckpt.path, every=0),
                       tc=fresh)
@@ -162,7 +163,7 @@ def test_train_group_records_a_diverged_run_without_nan_and_saves_nothing(case, 
     specs = [RunSpec(arch="clt", penalty="l1", sparsity_coef=0.01, seed=0),
              RunSpec(arch="plt", penalty="l1", sparsity_coef=1e6, seed=1),
              RunSpec(arch="plt", penalty="tanh", sparsity_coef=0.1, seed=2)]
-    cfg = TrainConfig(steps=40, log_every=0)
+    cfg = TrainConfig(steps=40, log_every=0, device="cpu")  # bit-exact on the CPU
     recs = train_log_save(case, model, specs, cfg, toy_io, _Logger(), None, tmp_path)
     json.dumps(recs, allow_nan=False)  # no NaN or inf anywhere
     bad = recs[1]["metrics"]
@@ -180,3 +181,71 @@ def test_train_group_records_a_diverged_run_without_nan_and_saves_nothing(case, 
         for key in NOT_YET_EXACT:
             assert got.pop(key) == pytest.approx(want.pop(key), rel=1e-5)
         assert json.dumps(recs[i] | {"metrics": got}) == json.dumps(alone | {"metrics": want})
+
+
+# ---- end to end: `clt-eval train` and `clt-eval sweep` ---------------------------------------
+def _strict_json(path):
+    """The file as JSON, failing on NaN or Infinity (which strict JSON does not have)."""
+    def refuse(const):
+        raise AssertionError(f"{path}: {const} in JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+TINY = [RunSpec(arch=a, penalty="tanh", sparsity_coef=0.1, seed=s, n_features=4)
+        for a in ("plt", "clt") for s in (0, 1)]
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e4])
+def test_train_with_a_huge_lr_records_every_run_diverged_and_saves_none(tmp_path, capsys, lr):
+    from clt_eval.training.experiment import run_id
+    from clt_eval.training.runs import train_grid
+
+    cfg = TrainConfig(steps=10, lr=lr, log_every=0, device="cpu")
+    path = train_grid("boolean_two_step", TINY, cfg, tmp_path, "disabled")
+    runs = _strict_json(path)["runs"]
+    assert [r["run_id"] for r in runs] == [run_id(s) for s in TINY]
+    for r in runs:
+        d = r["metrics"]["diverged"]
+        assert isinstance(d["step"], int) and 0 <= d["step"] < 10 and d["reason"]
+        assert all(v is None for k, v in r["metrics"].items() if k != "diverged")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "diverged" in ln]
+    assert len(lines) == len(TINY)  # one line per run, naming it
+    for s, line in zip(TINY, lines, strict=True):
+        assert line.startswith(f"clt-eval: warning: run {run_id(s)} diverged at step ")
+    assert not (tmp_path / "transcoders").exists()  # no weights of a diverged run
+
+
+def test_train_keeps_the_runs_that_did_not_diverge(tmp_path, capsys):
+    from clt_eval.io import load_transcoder
+    from clt_eval.training.experiment import run_id
+    from clt_eval.training.runs import train_grid
+
+    specs = [TINY[0], RunSpec(**(TINY[1].to_dict() | {"sparsity_coef": 1e6}))]
+    path = train_grid("boolean_two_step", specs, TrainConfig(steps=30, log_every=0,
+                                                               device="cpu"),
+                      tmp_path, "disabled")
+    ok, bad = _strict_json(path)["runs"]
+    assert ok["metrics"]["diverged"] is None and ok["metrics"]["nmse"] is not None
+    assert bad["metrics"]["diverged"]["step"] == 1
+    assert capsys.readouterr().err.count("diverged at step") == 1
+    assert [p.name for p in (tmp_path / "transcoders").iterdir()] == [run_id(specs[0])]
+    tc = load_transcoder(tmp_path / "transcoders" / run_id(specs[0]))
+    assert all(bool(t.isfinite().all()) for t in tc.state_dict().values()
+               if t.is_floating_point())
+
+
+def test_sweep_with_a_huge_lr_records_diverged_runs_and_reports_it(tmp_path, capsys):
+    from clt_eval.training.sweep import run_sweep
+    from clt_eval.training.sweep_spec import parse_spec
+
+    spec = parse_spec({"name": "blowup", "matched_l0": None,
+                       "train": {"steps": 10, "lr": 1e30, "log_every": 0, "device": "cpu"},
+                       "grid": [{"arch": ["plt", "clt"], "penalty": "tanh",
+                                 "sparsity_coef": 0.1, "seeds": 1, "n_features": 4}]})
+    res = run_sweep(spec, tmp_path, "disabled", progress=False)
+    runs = _strict_json(res["sweep"])["runs"]
+    assert len(runs) == 2 and all(r["metrics"]["diverged"]["step"] >= 0 for r in runs)
+    assert capsys.readouterr().err.count("diverged at step") == 2
+    assert "Every one of the 2 runs diverged" in res["report"].read_text()
+    assert not (tmp_path / "transcoders").exists()

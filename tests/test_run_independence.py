@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
-
 from clt_eval.transcoder import Transcoder, row_sum, run_matmul
 
 B, L, D, F = 13, 3, 7, 5
@@ -61,7 +61,7 @@ def _fit(specs, data, steps, batch_size=0):
     x, y = data
     tc = Transcoder([s.transcoder_config(D, L) for s in specs], seeds=[s.seed for s in specs])
     init_b_dec(tc, y)
-    cfg = TrainConfig(steps=steps, lr=0.02, batch_size=batch_size, log_every=0,
+    cfg = TrainConfig(steps=steps, lr=0.02, batch_size=batch_size, log_every=0, device="cpu",
                       dead_window=5)  # a short window, so AuxK's dead-feature path runs too
     final = train(tc, [s.loss_config() for s in specs],
                   torch.tensor([s.sparsity_coef for s in specs]),
@@ -70,8 +70,10 @@ def _fit(specs, data, steps, batch_size=0):
 
 
 def _assert_same_run(ens, i, alone, j=0):
-    for name, t in ens.state_dict().items():
-        assert torch.equal(t[i], alone.state_dict()[name][j]), f"run {i}: {name} differs"
+    # select: a PLT run alone stores only its own decoder slots, not the ensemble's L - s
+    mine, other = ens.select([i]).state_dict(), alone.select([j]).state_dict()
+    for name, t in mine.items():
+        assert torch.equal(t[0], other[name][0]), f"run {i}: {name} differs"
 
 
 @pytest.mark.parametrize("activation, batch_size", [

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from clt_eval.training import sweep_analysis as A
-from clt_eval.training.matched_l0 import Bracket, bisect_log, initial_bracket
 
 from clt_eval.tracking import match_neighbours, stop_index, track
+from clt_eval.training import sweep_analysis as A
+from clt_eval.training.matched_l0 import Bracket, bisect_log, initial_bracket
 
 
 # ---- bisection ---------------------------------------------------------------------------

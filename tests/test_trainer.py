@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+
+from clt_eval.errors import CltEvalError
 from clt_eval.training.config import ReproduceConfig, RunSpec, TrainConfig
 from clt_eval.training.experiment import group_specs
 from clt_eval.training.trainer import full_batches, init_b_dec, lambda_factor, lr_factor, train
-
-from clt_eval.errors import CltEvalError
 from clt_eval.transcoder import Transcoder
 
 
@@ -113,3 +113,97 @@ def test_run_ids_are_unique_across_non_default_fields():
     c = RunSpec(penalty="tanh", activation="relu", preact_coef=1e-4)
     assert len({run_id(a), run_id(b), run_id(c)}) == 3
     assert run_id(a) == run_id(RunSpec(penalty="tanh"))  # defaults spelled out or not
+
+
+# ---- device and precision ----------------------------------------------------------------
+def test_device_and_dtype_are_checked():
+    with pytest.raises(CltEvalError, match="device 'gpu'"):
+        TrainConfig(device="gpu")
+    with pytest.raises(CltEvalError, match="dtype 'float16'"):
+        TrainConfig(dtype="float16")
+    with pytest.raises(CltEvalError, match="dtype"):
+        ReproduceConfig(dtype="half")
+    assert TrainConfig(device="cuda:1").device == "cuda:1"  # a GPU is looked for at training
+
+
+def _fit_on(x, y, specs, device, dtype, steps=40, checkpoint=None, stop_at=None):
+    """Train on ``device``; with ``stop_at``, ask ``checkpoint`` to stop after that step."""
+    tc = Transcoder([s.transcoder_config(x.shape[-1], x.shape[1]) for s in specs],
+                    seeds=[s.seed for s in specs])
+    init_b_dec(tc, y)
+    batches = full_batches(x.to(device), y.to(device), 8, seed=[s.seed for s in specs])
+    if stop_at is not None:
+        batches = _stop_after(batches, checkpoint, stop_at)
+    final = train(tc, [s.loss_config() for s in specs],
+                  torch.tensor([s.sparsity_coef for s in specs]), batches,
+                  TrainConfig(steps=steps, log_every=10, lr=0.02, device=device, dtype=dtype),
+                  checkpoint=checkpoint)
+    return tc, final
+
+
+def _stop_after(batches, checkpoint, step):
+    for i, batch in enumerate(batches):
+        if i == step:
+            checkpoint.request_stop()
+        yield batch
+
+
+DEVICE_SPECS = [RunSpec(arch="clt", penalty="tanh", sparsity_coef=0.1, seed=0),
+                RunSpec(arch="plt", penalty="l1", sparsity_coef=0.03, seed=1)]
+
+
+def _check_device_training(x, y, device, tmp_path):
+    """float32 and bfloat16 train finite float32 weights that come back to the CPU; bfloat16
+    rounds differently; a checkpointed float32 run resumes to the uninterrupted weights."""
+    from clt_eval.training.checkpoint import Checkpoint
+
+    start, _ = _fit_on(x, y, DEVICE_SPECS, device, "float32", steps=1)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        tc, final = _fit_on(x, y, DEVICE_SPECS, device, dtype)
+        assert tc.W_enc.device.type == "cpu" and final["loss"].device.type == "cpu"
+        assert all(t.dtype == torch.float32 and bool(t.isfinite().all())
+                   for t in tc.parameters())  # float32 master weights in both
+        assert final["diverged"] == [None, None]
+        runs[dtype] = tc
+    assert not torch.equal(runs["float32"].W_enc, runs["bfloat16"].W_enc)
+    assert not torch.equal(start.W_enc, runs["bfloat16"].W_enc)  # it trained
+    ckpt = Checkpoint(tmp_path / f"{device}.safetensors", every=7)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on(x, y, DEVICE_SPECS, device, "float32", checkpoint=ckpt, stop_at=23)
+    resumed, _ = _fit_on(x, y, DEVICE_SPECS, device, "float32",
+                         checkpoint=Checkpoint(ckpt.path, every=7))
+    for (name, a), b in zip(resumed.state_dict().items(), runs["float32"].state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    return runs
+
+
+def test_training_on_the_cpu_in_float32_and_bfloat16(x_BLD, y_BLD, tmp_path):
+    _check_device_training(x_BLD, y_BLD, "cpu", tmp_path)
+
+
+@pytest.mark.cuda
+def test_training_on_cuda_in_float32_and_bfloat16(x_BLD, y_BLD, tmp_path):
+    on_gpu = _check_device_training(x_BLD, y_BLD, "cuda", tmp_path)
+    on_cpu, _ = _fit_on(x_BLD, y_BLD, DEVICE_SPECS, "cpu", "float32")
+    # Same batches, same seeds; only the kernels' rounding differs.
+    for (name, a), b in zip(on_gpu["float32"].state_dict().items(),
+                            on_cpu.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+
+
+@pytest.mark.cuda
+def test_train_grid_on_cuda_saves_cpu_transcoders(tmp_path):
+    import json
+
+    from clt_eval.io import load_transcoder
+    from clt_eval.training.runs import train_grid
+
+    cfg = TrainConfig(steps=30, batch_size=8, log_every=0, device="cuda", dtype="bfloat16")
+    path = train_grid("boolean_two_step", DEVICE_SPECS, cfg, tmp_path, "disabled")
+    runs = json.loads(path.read_text())["runs"]
+    assert [r["metrics"]["diverged"] for r in runs] == [None, None]
+    for r in runs:
+        tc = load_transcoder(tmp_path / "transcoders" / r["run_id"])
+        assert tc.W_enc.device.type == "cpu" and bool(tc.W_enc.isfinite().all())

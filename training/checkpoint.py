@@ -40,13 +40,14 @@ class Checkpoint:
         return self.every > 0 and (step + 1) % self.every == 0 and step + 1 < total
 
     def save(self, next_step: int, tc: torch.nn.Module, opt, since_fired_RLF) -> None:
-        tensors = {f"model.{k}": v.detach().contiguous().clone()
-                   for k, v in tc.state_dict().items()}
+        if not is_main():
+            return  # data-parallel replicas hold the same state: rank 0 writes it
+        tensors = {f"model.{k}": _host(v) for k, v in tc.state_dict().items()}
         opt_state = opt.state_dict()
         for i, st in opt_state["state"].items():
             for key, v in st.items():
-                tensors[f"opt.{i}.{key}"] = torch.as_tensor(v).detach().contiguous().clone()
-        tensors["since_fired"] = since_fired_RLF.contiguous().clone()
+                tensors[f"opt.{i}.{key}"] = _host(torch.as_tensor(v))
+        tensors["since_fired"] = _host(since_fired_RLF)
         meta = {"next_step": str(next_step), "param_groups": json.dumps(opt_state["param_groups"])}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
@@ -79,7 +80,24 @@ class Checkpoint:
         return int(meta["next_step"]), tensors["since_fired"]
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if is_main():
+            self.path.unlink(missing_ok=True)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that owns its memory (safetensors writes host tensors)."""
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def is_main() -> bool:
+    """Does this process write files? Only rank 0 of a data-parallel job; always without one."""
+    try:
+        from clt_eval.training import distributed
+    except ModuleNotFoundError as exc:
+        if exc.name != "clt_eval.training.distributed":
+            raise
+        return True
+    return distributed.is_main()
 
 
 @contextlib.contextmanager

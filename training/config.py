@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from clt_eval.config import DEFAULT_ACTIVATION, PENALTY_ACTIVATIONS, LossConfig, TranscoderConfig
+from clt_eval.device import check_device_name, check_dtype_name
 from clt_eval.errors import check_choice, check_finite_nonneg, require
 
 
@@ -85,8 +86,15 @@ class TrainConfig:
     # reproduce grid's largest λs raise a healthy loss to at most 1.14x its first value; a
     # blow-up raises it by orders of magnitude.
     divergence_factor: float = 1e4
+    # auto: the GPU when one is visible. Only CPU float32 is bit-for-bit reproducible across
+    # ensembles and resumptions; bfloat16 runs the forward pass under autocast and keeps
+    # float32 master weights and optimiser state.
+    device: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_device_name(self.device, "device")
+        check_dtype_name(self.dtype, "dtype")
         for name in ("steps", "lr_warmup_steps", "batch_size", "log_every", "dead_window"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 0, f"{name}={v!r}: expected an integer >= 0")
@@ -117,9 +125,13 @@ class ReproduceConfig:
     all: bool = False  # every registered case study, each into out/<name>, plus a summary
     wandb_mode: str = "offline"
     save_transcoders: bool = True
+    device: str = "auto"  # replace the spec's train.device / train.dtype
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
+        check_device_name(self.device, "device")
+        check_dtype_name(self.dtype, "dtype")
         for name in ("seeds", "n_features", "steps"):
             v = getattr(self, name)
             require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),

@@ -13,14 +13,15 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import torch
-from clt_eval.training.config import RunSpec, TrainConfig
-from clt_eval.training.trainer import full_batches, init_b_dec, train
 
 from clt_eval.case_study import case_study_spec
 from clt_eval.costs import cost_key, sparsity_costs
+from clt_eval.device import resolve_device
 from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.trainer import full_batches, init_b_dec, train
 from clt_eval.transcoder import Transcoder
 
 _NAMED = ("arch", "penalty", "decoder_norm", "activation", "sparsity_coef", "k", "n_features",
@@ -94,7 +95,10 @@ def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, p
     tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
     init_b_dec(tc, y)
     coefs = torch.tensor([s.sparsity_coef for s in specs])
-    batches = full_batches(x, y, train_cfg.batch_size, seed=[s.seed for s in specs])
+    device = resolve_device(train_cfg.device, "device")
+    # The data set moves to the training device once, not a batch at a time.
+    batches = full_batches(x.to(device), y.to(device), train_cfg.batch_size,
+                           seed=[s.seed for s in specs])
     final = train(tc, [s.loss_config() for s in specs], coefs, batches, train_cfg, logger,
                   progress, checkpoint, run_names=[run_id(s) for s in specs])
     metrics = _evaluate_finite(case, model, tc, specs, x, final)
@@ -131,6 +135,7 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
     """Train one ensemble as one wandb run (config, per-run losses, metrics table), then save
     each member transcoder under ``out/transcoders/<run_id>``; returns the run records."""
     from clt_eval.io import save_transcoder
+    from clt_eval.training.checkpoint import is_main
 
     ids = [run_id(s) for s in group]
     logger.start(f"{group[0].resolved_activation}-{ids[0]}",
@@ -144,7 +149,7 @@ def train_log_save(case, model, group, train_cfg, data, logger, bar, out, save=T
         raise
     logger.table("runs", [flat_record(r) for r in res.records])
     logger.finish()
-    if save:
+    if save and is_main():  # data-parallel replicas hold the same weights: rank 0 saves
         for i, (spec, rid) in enumerate(zip(group, ids, strict=True)):
             if res.records[i]["metrics"]["diverged"] is not None:
                 continue  # a diverged run's weights are no result: nothing is saved for it

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from clt_eval.training.config import ReproduceConfig
-
 from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
 from clt_eval.case_study import case_study_targets, load_case_study
+from clt_eval.training.checkpoint import is_main
+from clt_eval.training.config import ReproduceConfig
 
 SPECS = Path(__file__).parent / "specs"
 
@@ -26,7 +26,9 @@ def reproduce_spec(cfg: ReproduceConfig, case_study: str):
     from clt_eval.training.sweep_spec import load_spec
 
     spec = load_spec(SPECS / ("reproduce_quick.toml" if cfg.quick else "reproduce.toml"))
-    train = spec.train if cfg.steps is None else dataclasses.replace(spec.train, steps=cfg.steps)
+    train = dataclasses.replace(spec.train, device=cfg.device, dtype=cfg.dtype)
+    if cfg.steps is not None:
+        train = dataclasses.replace(train, steps=cfg.steps)
     matched = spec.matched_l0
     if cfg.seeds is not None:
         matched = dataclasses.replace(matched, seeds=cfg.seeds)
@@ -59,9 +61,12 @@ def _one(cfg: ReproduceConfig, name: str, out: Path, progress: bool) -> dict:
     from clt_eval.training.sweep import run_sweep
 
     spec = reproduce_spec(cfg, name)
+    # strict: a rerun resumes only with the very spec (and so the overrides) it began with.
     res = run_sweep(spec, out, cfg.wandb_mode, progress=progress,
-                    save_transcoders=cfg.save_transcoders)
+                    save_transcoders=cfg.save_transcoders, strict=True)
     records = list(res["store"].records.values())
+    if not is_main():
+        return {"report": res["report"], "headline": headline(res["summary"])}
     write_json_atomic(out / "results.json", {"config": dataclasses.asdict(cfg) | {"case_study":
                                              name}, "runs": nan_to_none(records)})
     if res["analytic"]:
@@ -112,6 +117,8 @@ def _cross_summary(root: Path, results: dict) -> Path:
         lines.append(f"| {name} | {len(h)} | {len(more)} | {len(sig)} | "
                      f"{'–' if mean_clt is None else f'{mean_clt:.2f}'} | "
                      f"[report]({rows[-1]['report']}) |")
+    if not is_main():
+        return root / "summary.md"
     write_json_atomic(root / "summary.json", {"case_studies": rows})
     text = ("# clt-eval reproduce --all\n\nFor each case study, the matched (setting, target "
             "L0) points where PLT and CLT were both found; how many have more CLT seeds than "

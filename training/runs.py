@@ -1,35 +1,51 @@
-"""`clt-eval train` and `clt-eval evaluate`: a grid of runs to folders, and back."""
+"""`clt-eval train` and `clt-eval evaluate`: a grid of runs to folders, and back.
+
+`train` runs on the sweep's engine (``training.sweep.Runner`` and ``RunStore``), so it resumes
+exactly as a sweep does: one mechanism for every training job."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
-
-from clt_eval.training.config import RunSpec, TrainConfig
-from clt_eval.training.experiment import case_data, check_unique, group_specs, train_log_save
-from clt_eval.training.wandb_logger import WandbLogger
 
 from clt_eval.atomic import write_json_atomic
 from clt_eval.case_study import load_case_study
 from clt_eval.errors import CltEvalError
+from clt_eval.training.config import RunSpec, TrainConfig
+from clt_eval.training.experiment import check_unique
+from clt_eval.training.wandb_logger import WandbLogger
 from clt_eval.transcoder import Transcoder, shared_fields
 
 
 def train_grid(case_name: str, specs: list[RunSpec], train_cfg: TrainConfig, out: Path,
                wandb_mode: str) -> Path:
-    from tqdm.auto import tqdm
+    """Train ``specs`` into ``out``: ``results.json`` (the arguments under ``args``, one
+    record per run under ``runs``) and ``transcoders/<run_id>/``.
+
+    Resumable, by the sweep's engine: ``results.json`` is rewritten after every ensemble, an
+    interrupted ensemble continues from its checkpoint under ``checkpoints/``, and a rerun of
+    the same command skips recorded runs; a rerun with other arguments is refused."""
+    from clt_eval.training.checkpoint import is_main
+    from clt_eval.training.sweep import Runner, RunStore, TrainJob
 
     check_unique(specs)
-    case = load_case_study(case_name, validate=True)  # fails before anything is written
-    model = case.model()
-    data = case_data(case, model)
+    load_case_study(case_name, validate=True)  # fails before anything is written
+    store = RunStore(out / "results.json", "args", train_args(case_name, specs, train_cfg),
+                     ("case_study", "train", "specs"), "command")
     logger = WandbLogger(wandb_mode, group=f"train-{out.name}", root=out)
-    records = []
-    with tqdm(total=len(group_specs(specs)) * train_cfg.steps, desc="training", unit="step") as bar:
-        for group in group_specs(specs):
-            records += train_log_save(case, model, group, train_cfg, data, logger, bar, out)
-    return write_json_atomic(out / "results.json", {"runs": records})
+    runner = Runner(TrainJob(case_name, train_cfg), out, store, logger, progress=is_main(),
+                    twins=False)
+    runner.run(specs, "training")
+    store.write()  # also when every run was recorded already: the file is whole
+    return store.path
+
+
+def train_args(case_name: str, specs: list[RunSpec], train_cfg: TrainConfig) -> dict:
+    """The arguments a `clt-eval train` folder is made with, as results.json records them."""
+    return {"case_study": case_name, "train": asdict(train_cfg),
+            "specs": [s.to_dict() for s in specs]}
 
 
 def transcoder_dirs(run_dir: Path) -> list[Path]:

@@ -6,6 +6,7 @@ a new invocation on the same ``--out`` skips every recorded run. An ensemble int
 mid-training continues from its checkpoint (``checkpoints/``, saved every
 ``CHECKPOINT_EVERY`` steps and on Ctrl-C/SIGTERM at the next step boundary), so no step is
 trained twice after a clean stop, and at most ``CHECKPOINT_EVERY`` after a hard kill.
+`clt-eval train` and `clt-eval reproduce` resume through the same ``Runner`` and ``RunStore``.
 The matched-L0 search is resumable too: its λ points are a deterministic function of
 earlier results, so replaying it finds its finished runs in ``sweep.json``.
 """
@@ -16,11 +17,14 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clt_eval.training.checkpoint import Checkpoint, stop_gracefully
-from clt_eval.training.config import RunSpec
+from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
+from clt_eval.case_study import load_case_study
+from clt_eval.errors import CltEvalError, require
+from clt_eval.training.checkpoint import Checkpoint, is_main, stop_gracefully
+from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.experiment import (
     canonical,
     case_data,
@@ -32,21 +36,25 @@ from clt_eval.training.experiment import (
 from clt_eval.training.sweep_spec import SweepSpec
 from clt_eval.training.wandb_logger import WandbLogger
 
-from clt_eval.atomic import nan_to_none, write_json_atomic
-from clt_eval.case_study import load_case_study
-from clt_eval.errors import CltEvalError, require
-
 CHECKPOINT_EVERY = 250
 MAX_ENSEMBLE = 1024  # runs per ensemble: big enough to amortise a step, small enough to
 # checkpoint often and keep memory flat
 
 
-class SweepStore:
-    """``sweep.json``: the spec, every finished run's record, and later the analysis."""
+class RunStore:
+    """A JSON file of finished runs' records, headed by the arguments that made them.
 
-    def __init__(self, out: Path, spec: SweepSpec):
-        self.path = out / "sweep.json"
-        self.spec = spec
+    The one resume mechanism of every training job: it is rewritten atomically after each
+    ensemble, so a run is either fully recorded or not at all, and a rerun skips recorded
+    runs. A rerun whose arguments differ (in the ``checked`` keys of ``header``) is refused
+    in one line, since its runs would not be the recorded ones."""
+
+    def __init__(self, path: Path, header_key: str, header: dict, checked: tuple[str, ...],
+                 source: str):
+        self.path, self.header_key, self.source = path, header_key, source
+        # Compared as JSON reads it back (tuples become lists).
+        self.header = json.loads(json.dumps(header))
+        self.checked = checked
         self.records: dict[str, dict] = {}
         self.extra: dict = {}
         if self.path.exists():
@@ -56,16 +64,17 @@ class SweepStore:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError) as exc:
-            raise CltEvalError(f"{self.path}: unreadable ({exc}); expected a sweep.json "
-                               "written by clt-eval sweep") from None
+            raise CltEvalError(f"{self.path}: unreadable ({exc}); expected the {self.path.name}"
+                               f" of an earlier run of this {self.source}") from None
         require(isinstance(data, dict) and isinstance(data.get("runs"), list),
-                f"{self.path}: field 'runs' missing; expected a sweep.json from clt-eval sweep")
-        was = data.get("spec", {})
-        for key in ("case_study", "train"):
-            now = self.spec.to_dict()[key]
-            require(was.get(key) == now,
-                    f"{self.path}: earlier sweep used {key}={was.get(key)!r}, this spec has "
-                    f"{now!r}; resume with the same spec or choose another --out")
+                f"{self.path}: field 'runs' missing; expected the {self.path.name} of an "
+                f"earlier run of this {self.source}")
+        was = data.get(self.header_key) or {}
+        for key in self.checked:
+            if was.get(key) != self.header[key]:
+                diff = _difference(key, was.get(key), self.header[key], self.source)
+                raise CltEvalError(f"{self.path}: the folder was made with {diff}; resume with "
+                                   f"the same {self.source} or choose another --out")
         self.records = {r["run_id"]: r for r in data["runs"]}
 
     def done(self, spec: RunSpec) -> bool:
@@ -86,21 +95,59 @@ class SweepStore:
         self.write()
 
     def write(self) -> None:
-        write_json_atomic(self.path, {"spec": self.spec.to_dict(),
-                                      "runs": list(self.records.values())}
+        if not is_main():
+            return  # data-parallel replicas hold the same records: rank 0 writes them
+        write_json_atomic(self.path, {self.header_key: self.header,
+                                      "runs": nan_to_none(list(self.records.values()))}
                           | nan_to_none(self.extra))
+
+
+def _difference(key: str, was, now, source: str) -> str:
+    """The first differing field, e.g. "train.lr=0.01, this command has 0.02"."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        for k in list(was) + [k for k in now if k not in was]:
+            if was.get(k) != now.get(k):
+                return _difference(f"{key}.{k}", was.get(k), now.get(k), source)
+    if isinstance(was, list) and isinstance(now, list) and len(was) != len(now):
+        return f"{len(was)} {key}, this {source} has {len(now)}"
+    if isinstance(was, list) and isinstance(now, list):
+        i = next(i for i, (a, b) in enumerate(zip(was, now, strict=True)) if a != b)
+        return _difference(f"{key}[{i}]", was[i], now[i], source)
+    return f"{key}={was!r}, this {source} has {now!r}"
+
+
+class SweepStore(RunStore):
+    """``sweep.json``: the spec, every finished run's record, and later the analysis. A sweep
+    may grow (new grid points train, recorded ones are kept) but not change its case study
+    or training settings; with ``strict`` (reproduce) the whole spec must match."""
+
+    def __init__(self, out: Path, spec: SweepSpec, strict: bool = False):
+        header = spec.to_dict()
+        checked = tuple(header) if strict else ("case_study", "train")
+        super().__init__(out / "sweep.json", "spec", header, checked, "spec")
+        self.spec = spec
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What a ``Runner`` needs of a job besides its runs: `clt-eval train` has no spec."""
+
+    case_study: str
+    train: TrainConfig
 
 
 class Runner:
     """Trains runs not yet in the store, as vectorised ensembles with checkpoints."""
 
-    def __init__(self, spec: SweepSpec, out: Path, store: SweepStore, logger, progress=True,
-                 save_transcoders=True):
+    def __init__(self, spec: SweepSpec | TrainJob, out: Path, store: RunStore, logger,
+                 progress=True, save_transcoders=True, twins=True):
         self.spec, self.out, self.store, self.logger = spec, out, store, logger
         self.case = load_case_study(spec.case_study)
         self.model = self.case.model()
         self.data = case_data(self.case, self.model)
         self.progress, self.save = progress, save_transcoders
+        # Train a PLT once for every decoder norm (``canonical``); `train` trains each as asked.
+        self.twins = twins
         self.trained = 0  # runs trained by this invocation
         self.active: Checkpoint | None = None
 
@@ -109,7 +156,7 @@ class Runner:
         from tqdm.auto import tqdm
 
         check_unique(specs)
-        canon = {s: canonical(s) for s in specs}
+        canon = {s: canonical(s) if self.twins else s for s in specs}
         chunks = self._chunks(list(dict.fromkeys(
             c for c in canon.values() if not self.store.done(c))))
         steps = len(chunks) * self.spec.train.steps
@@ -149,20 +196,16 @@ class Runner:
 
 
 def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress: bool = True,
-              save_transcoders: bool = True) -> dict:
-    """Train, search, analyse and report; returns {"sweep": path, "report": path, ...}."""
-    import torch
+              save_transcoders: bool = True, strict: bool = False) -> dict:
+    """Train, search, analyse and report; returns {"sweep": path, "report": path, ...}.
+    ``strict``: resume only with the very spec the folder was made with (see SweepStore)."""
     from clt_eval.training.matched_l0 import matched_l0_search
     from clt_eval.training.report import analytic_costs
-    from clt_eval.training.sweep_report import write_sweep_report
 
-    # The toy's tensors are small (at most a few 100k elements per op), so a second thread
-    # costs more in synchronisation than it saves; with the other core busy it was 14x
-    # slower on a 30-run ensemble (122 vs 8.9 ms/step).
-    torch.set_num_threads(1)
+    # Threads are the caller's choice (the command line's --threads).
     load_case_study(spec.case_study, validate=True)  # a bad plugin fails before any write
     started = time.time()
-    store = SweepStore(out, spec)
+    store = SweepStore(out, spec, strict)
     logger = WandbLogger(wandb_mode, group=f"sweep-{spec.name}-{out.name}", root=out)
     runner = Runner(spec, out, store, logger, progress, save_transcoders)
     grid = runner.run(spec.runs(), "grid")
@@ -171,12 +214,27 @@ def run_sweep(spec: SweepSpec, out: Path, wandb_mode: str = "offline", progress:
                    "trained_this_invocation": runner.trained}
     store.write()
     analytic = analytic_costs(runner.case, runner.data[0])
-    report, plots, summary = write_sweep_report(out, spec, runner, grid, matched, analytic)
+    report, plots, summary = _report(out, spec, runner, grid, matched, analytic)
     store.extra["summary"] = summary
     store.write()
     _log_summary(logger, spec, grid, plots, summary)
     return {"sweep": store.path, "report": report, "plots": plots, "trained": runner.trained,
             "store": store, "summary": summary, "analytic": analytic}
+
+
+def _report(out, spec, runner, grid, matched, analytic):
+    """The sweep's report over the runs that trained to the end (a diverged run has no
+    metrics to plot); a one-paragraph report when none did."""
+    from clt_eval.training.sweep_report import write_sweep_report
+
+    finite = [r for r in grid if r["metrics"].get("diverged") is None]
+    if finite:
+        return write_sweep_report(out, spec, runner, finite, matched, analytic)
+    text = (f"# clt-eval sweep `{spec.name}` on `{spec.case_study}`\n\nEvery one of the "
+            f"{len(grid)} runs diverged (see `diverged` in sweep.json for the step and "
+            "reason); there is nothing to analyse. A smaller learning rate or λ may help.\n")
+    path = write_text_atomic(out / "report.md", text) if is_main() else out / "report.md"
+    return path, [], {}
 
 
 def _log_summary(logger, spec, grid, plots, summary) -> None:

@@ -1,23 +1,32 @@
-"""The training loop: step, log if due, checkpoint-free for toys (callers save at the end).
+"""The training loop: step, log if due, checkpoint if due (``training.checkpoint``).
 
 ``train`` eats an iterator of (x_BLD, y_BLD) activation batches (or per-run [R,B,L,D] ones)
 and trains every run of a ``Transcoder`` ensemble at once. Runs are independent: the loss is a
 sum of per-run losses and Adam is elementwise, so an ensemble of R runs equals R separate
 trainings, at a fraction of the cost -- bit for bit on CPU, whatever R and the run's place in
 the ensemble (tests/test_run_independence.py). A run that diverges is stopped alone.
+
+A resumed run equals an uninterrupted one bit for bit on the CPU: the learning rate and λ
+are functions of the step, the checkpoint holds everything else, and the batch order is a
+function of the seed and the step alone (``full_batches``), replayed up to the saved step.
+With ``torch.distributed`` initialised, gradients are averaged over ranks after each
+backward pass (``training.distributed.sync_grads``) and only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from clt_eval.training.config import TrainConfig
+from tqdm.auto import tqdm
 
 from clt_eval.config import LossConfig
 from clt_eval.losses import LossPlan, row_mean, training_loss
+from clt_eval.training import distributed
+from clt_eval.training.config import TrainConfig
 from clt_eval.transcoder import Transcoder, row_sum
 
 Logger = Callable[[int, dict], None]  # (step, {name: [R] tensor})
@@ -61,15 +70,28 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     benchmarks/bench_ensemble.py) but lets rounding depend on the ensemble: BLAS's batched
     matmuls instead of ``run_matmul``, and the fused Adam kernel, which rounds an element
     differently depending on where it lies in the flat parameter (max |Δ| 0.15 between a
-    run in a 30-run ensemble and alone after 1,000 steps)."""
-    loss_cfg = LossPlan.build(loss_cfg, tc.n_runs)
+    run in a 30-run ensemble and alone after 1,000 steps).
+
+    Training runs on ``cfg.device`` (the transcoder goes there for the loop and comes back
+    after it; batches already there are not copied). With ``cfg.dtype == "bfloat16"`` the
+    forward pass and loss run under autocast with float32 weights and Adam state, and the
+    batched kernels are used (``exact`` is ignored)."""
+    device = _resolve_device(cfg.device)
+    # In bfloat16 no run is bit-exact anyway, and autocast leaves the exact kernels' elementwise
+    # products in float32: the batched kernels are the ones it speeds up.
+    exact = exact and cfg.dtype == "float32"
+    loss_cfg = _plan_on(LossPlan.build(loss_cfg, tc.n_runs), device)
+    home = tc.W_enc.device  # the caller gets the transcoder back where it gave it
+    tc.to(device)
+    coefs_R = coefs_R.to(device)
     kernel = {"foreach": True, "fused": None} if exact else {"foreach": None, "fused": True}
     opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, **kernel)
-    since_fired = torch.zeros(tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features, dtype=torch.long)
+    since_fired = torch.zeros(tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features, dtype=torch.long,
+                              device=device)
     start = 0
     restored = checkpoint.restore(tc, opt) if checkpoint is not None else None
     if restored is not None:
-        start, since_fired = restored
+        start, since_fired = restored[0], restored[1].to(device)
         opt.param_groups[0].update(kernel)  # the checkpoint's choice of kernel is not ours
         for _ in range(start):
             next(batches)
@@ -78,32 +100,33 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     guard = DivergenceGuard(tc, opt, cfg.divergence_factor, run_names)
     was_exact, tc.exact = tc.exact, exact
     tc.train()
+    step_fn = _Step(tc, opt, guard, loss_cfg, coefs_R, cfg, device)
     try:
-        last = _loop(tc, opt, guard, loss_cfg, coefs_R, batches, cfg, start, since_fired,
-                     logger, progress, checkpoint)
+        last = _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint)
     finally:
         tc.exact = was_exact
         tc.eval()
-    return last | {"diverged": guard.report()}
+        tc.to(home)
+    return {k: v.to(home) for k, v in last.items()} | {"diverged": guard.report()}
 
 
-def _loop(tc, opt, guard, loss_cfg, coefs_R, batches, cfg, start, since_fired, logger,
-          progress, checkpoint) -> dict:
+def _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint) -> dict:
     """Step, log if due, checkpoint if due; returns the last logged values."""
+    tc, opt, cfg = step_fn.tc, step_fn.opt, step_fn.cfg
     last: dict = {}
     for step in range(start, cfg.steps):
-        parts, out = _step(tc, opt, loss_cfg, coefs_R, next(batches), since_fired, step, cfg,
-                           guard)
+        parts, out = _step(step_fn, next(batches), since_fired, step)
         with torch.no_grad():
-            fired = (out.acts_RBLF > 0).any(1)
+            # on the global batch: every replica must agree on which features are dead
+            fired = distributed.any_over_ranks((out.acts_RBLF > 0).any(1))
             since_fired = torch.where(fired, 0, since_fired + 1)
         if progress is not None:
             progress.update(1)
         if _due(step, cfg.log_every, cfg.steps):
             R, B = out.acts_RBLF.shape[:2]
             l0 = row_sum((out.acts_RBLF > 0).float().reshape(R * B, -1)).view(R, B)
-            last = {"loss": parts.total_R.detach(), "mse": parts.mse_R,
-                    "sparsity": parts.sparsity_R, "l0": row_mean(l0)}
+            last = {"loss": parts.total_R.detach().float(), "mse": parts.mse_R.float(),
+                    "sparsity": parts.sparsity_R.float(), "l0": row_mean(l0)}
             if logger is not None:
                 logger(step, last)
         if checkpoint is not None and checkpoint.stop_requested:
@@ -114,23 +137,61 @@ def _loop(tc, opt, guard, loss_cfg, coefs_R, batches, cfg, start, since_fired, l
     return last
 
 
-def _step(tc, opt, loss_cfg, coefs_R, batch, since_fired, step, cfg, guard):
+class _Step:
+    """What every step needs but the batch, the step number and the dead-feature clock."""
+
+    def __init__(self, tc, opt, guard, loss_cfg, coefs_R, cfg: TrainConfig,
+                 device: torch.device):
+        self.tc, self.opt, self.guard, self.loss_cfg = tc, opt, guard, loss_cfg
+        self.coefs_R, self.cfg, self.device = coefs_R, cfg, device
+        # bfloat16 computes the forward pass and loss in bfloat16 where autocast deems it
+        # safe; the weights, their gradients and Adam's moments stay float32.
+        self.autocast = _resolve_dtype(cfg.dtype) == torch.bfloat16
+
+
+def _step(s: _Step, batch, since_fired, step):
     """One Adam step. The learning rate is set from the step number alone (warm-up, then
     cosine), so a resumed run needs no scheduler state."""
-    x, y = batch
-    out = tc(x)
+    tc, opt, cfg = s.tc, s.opt, s.cfg
+    # A no-op when the data already lives on the device (train_group moves it there once).
+    x, y = (t.to(s.device, non_blocking=True) for t in batch)
     dead = since_fired > cfg.dead_window
-    parts = training_loss(tc, out, y, loss_cfg, coefs_R * lambda_factor(step, cfg), dead)
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.autocast):
+        out = tc(x)
+        parts = training_loss(tc, out, y, s.loss_cfg, s.coefs_R * lambda_factor(step, cfg),
+                              dead)
     for group in opt.param_groups:
         group["lr"] = cfg.lr * lr_factor(step, cfg)
     opt.zero_grad(set_to_none=True)
     # Each run's loss depends on its own parameters only, so the gradient of the sum is
     # each run's own gradient, even when another run's loss is inf or NaN.
     parts.total_R.sum().backward()
-    guard.check(step, parts.total_R.detach())
+    distributed.sync_grads(tc)  # data-parallel: every replica steps with the mean gradient
+    # The mean loss over replicas, so that every replica stops the same runs.
+    s.guard.check(step, distributed.mean_over_ranks(parts.total_R.detach().float()))
     opt.step()
-    guard.hold()
+    s.guard.hold()
     return parts, out
+
+
+def _plan_on(plan: LossPlan, device: torch.device) -> LossPlan:
+    """The loss plan with its per-run tensors on ``device`` (built on the CPU)."""
+    return dataclasses.replace(
+        plan, groups={k: v.to(device) for k, v in plan.groups.items()},
+        cross_R=plan.cross_R.to(device), preact_R=plan.preact_R.to(device),
+        auxk_R=plan.auxk_R.to(device))
+
+
+def _resolve_device(name: str) -> torch.device:
+    from clt_eval.device import resolve_device
+
+    return resolve_device(name, "device")
+
+
+def _resolve_dtype(name: str) -> torch.dtype:
+    from clt_eval.device import resolve_dtype
+
+    return resolve_dtype(name, "dtype")
 
 
 class DivergenceGuard:
@@ -154,7 +215,9 @@ class DivergenceGuard:
         self.state = state
         self.frozen: dict[str, torch.Tensor] = {}
         self.limit_R: torch.Tensor | None = None  # set at the first check
-        self.idx = torch.tensor([int(r) for r in state["runs"]], dtype=torch.long)
+        self.device = tc.W_enc.device
+        self.idx = torch.tensor([int(r) for r in state["runs"]], dtype=torch.long,
+                                device=self.device)
         if len(self.idx):  # resumed: the checkpoint holds the frozen values
             self._snapshot()
 
@@ -178,7 +241,7 @@ class DivergenceGuard:
             big = torch.finfo(loss_R.dtype).max
             self.limit_R = torch.tensor(
                 [big if v is None or self.factor == 0 else min(big, self.factor * v)
-                 for v in self.state["first_loss"]], dtype=loss_R.dtype)
+                 for v in self.state["first_loss"]], dtype=loss_R.dtype, device=loss_R.device)
         params = list(self.tc.parameters())
         grads = [p.grad for p in params if p.grad is not None]
         if self.idx.numel():
@@ -202,7 +265,7 @@ class DivergenceGuard:
     def _finite_R(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """[R] bool: are all of a run's values finite?"""
         R = self.tc.n_runs
-        ok = torch.ones(R, dtype=torch.bool)
+        ok = torch.ones(R, dtype=torch.bool, device=tensors[0].device)
         for t in tensors:
             ok &= t.detach().isfinite().view(R, -1).all(1)
         return ok
@@ -215,14 +278,15 @@ class DivergenceGuard:
                       f"loss {loss:.4g} > {self.factor:g} x first loss "
                       f"{self.state['first_loss'][r]:.4g}")
             self.state["runs"][str(r)] = {"step": step, "reason": reason}
-            print(f"clt-eval: warning: run {self.names[r]} diverged at step {step} "
-                  f"({reason}); the other runs go on", file=sys.stderr)
+            # tqdm.write: on a line of its own, above a progress bar if one is drawn.
+            tqdm.write(f"clt-eval: warning: run {self.names[r]} diverged at step {step} "
+                       f"({reason}); the other runs go on", file=sys.stderr)
         self._freeze(runs)
 
     def _freeze(self, runs: list[int]) -> None:
         """Add ``runs`` to the frozen set, zeroing any of their tensors that is not finite."""
-        new = torch.tensor(runs, dtype=torch.long)
-        finite = torch.ones(len(runs), dtype=torch.bool)
+        new = torch.tensor(runs, dtype=torch.long, device=self.device)
+        finite = torch.ones(len(runs), dtype=torch.bool, device=self.device)
         for t in self._tensors().values():
             finite &= t.detach()[new].isfinite().view(len(runs), -1).all(1)
         for t in self._tensors().values():
@@ -254,7 +318,10 @@ def full_batches(x_BLD: torch.Tensor, y_BLD: torch.Tensor, batch_size: int = 0,
 
     With one ``seed`` every run sees the same minibatches, [B,L,D]. With one seed per run,
     each run shuffles with its own seed and gets its own minibatches, [R,B,L,D]: a run's batch
-    order is then part of the run, the same whichever ensemble it trains in."""
+    order is then part of the run, the same whichever ensemble it trains in. Either way the
+    n-th batch depends on the seed(s) and n alone, so a resumed run that draws and drops the
+    batches of the steps it has done gets the very batches of an uninterrupted one. Batches
+    are indexed on the data's device: give it the data set there once."""
     n = x_BLD.shape[0]
     if batch_size <= 0 or batch_size >= n:
         while True:
@@ -262,7 +329,8 @@ def full_batches(x_BLD: torch.Tensor, y_BLD: torch.Tensor, batch_size: int = 0,
     shared = isinstance(seed, int)
     gens = [torch.Generator().manual_seed(int(s)) for s in ([seed] if shared else seed)]
     while True:
-        perm_RN = torch.stack([torch.randperm(n, generator=g) for g in gens])
+        # Drawn on the CPU (the generators live there), moved once per epoch.
+        perm_RN = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(x_BLD.device)
         for i in range(0, n - batch_size + 1, batch_size):
             idx_RB = perm_RN[:, i:i + batch_size]
             if shared:

@@ -8,23 +8,39 @@ import subprocess
 import sys
 
 import pytest
+
 from clt_eval.training.cli import main
 
 
 def _run(args, capsys):
-    code = main(args)
+    """Exit code and stderr lines; a usage error (argparse exits) counts as its exit code."""
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--penalty", "bogus"], "penalty='bogus'"),
-    (["--activation", "sigmoid"], "activation='sigmoid'"),
-    (["--decoder-norm", "max"], "decoder_norm='max'"),
+    (["--penalty", "bogus"], "--penalty: invalid choice: 'bogus'"),
+    (["--activation", "sigmoid"], "--activation: invalid choice: 'sigmoid'"),
+    (["--decoder-norm", "max"], "--decoder-norm: invalid choice: 'max'"),
     (["--sparsity-coef", "-0.1"], "sparsity_coef=-0.1"),
     (["--sparsity-coef", "nan"], "sparsity_coef=nan"),
     (["--penalty", "topk", "--decoder-norm", "summed"], "decoder_norm='summed'"),
     (["--n-features", "0"], "n_features=0"),
+    (["--n-features", "-5"], "n_features=-5"),
+    (["--steps", "-1"], "steps=-1"),
+    (["--seed", "1.5"], "seed='1.5'"),
+    (["--seed", "-1"], "seed=-1"),
+    (["--seed", "99999999999999999999"], "seed=99999999999999999999"),
+    (["--k", "0"], "k=0"),
+    (["--lr", "inf"], "lr=inf"),
+    (["--lambda-warmup-frac", "2"], "lambda_warmup_frac=2"),
+    (["--threads", "0"], "threads=0"),
+    (["--device", "tpu"], "--device 'tpu': unknown device"),
+    (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
     (["--case-study", "nope", "--decoder-norm", "summed"], "case study 'nope'"),
 ])
 def test_train_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path, capsys):
@@ -36,7 +52,7 @@ def test_train_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path,
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--wandb-mode", "sometimes"], "wandb_mode='sometimes'"),
+    (["--wandb-mode", "sometimes"], "--wandb-mode: invalid choice: 'sometimes'"),
     (["--seeds", "0"], "seeds"),
     (["--steps", "0"], "steps"),
 ])
@@ -126,19 +142,23 @@ def test_train_refuses_duplicate_runs(tmp_path, capsys):
 
 def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys):
     import torch
-    from clt_eval.training.cli import main
 
     from clt_eval.config import TranscoderConfig
     from clt_eval.formats import load_any, save_as
     from clt_eval.lm.window import LayerWindow
+    from clt_eval.training.cli import main
     from clt_eval.transcoder import Transcoder
 
     tc = Transcoder([TranscoderConfig(d_model=8, n_layers=3, n_features=5, arch="clt")])
     src = save_as(tc, LayerWindow((2, 3, 4)), tmp_path / "src", "clt-eval")
-    assert main(["convert", str(src), str(tmp_path / "ct"), "--to", "circuit-tracer"]) == 0
-    back, window = load_any(tmp_path / "ct")
+    assert main(["convert", str(src), str(tmp_path / "ct"), "--to", "circuit-tracer",
+                 "--n-model-layers", "5"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "same"), "--to", "clt-eval"]) == 0
+    back, window = load_any(tmp_path / "same")
     assert window.layers == (2, 3, 4)
     assert torch.equal(back.masked_W_dec(), tc.masked_W_dec())
+    # Converting again onto the same folder replaces it (convert owns it).
+    assert main(["convert", str(src), str(tmp_path / "same"), "--to", "clt-eval"]) == 0
     capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "x"), "--to", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
@@ -152,7 +172,7 @@ def test_convert_round_trips_and_rejects_bad_input_in_one_line(tmp_path, capsys)
     ('[[grid]]\npenalty = "topk"\nk = 1\ndecoder_norm = "summed"\n', [],
      "decoder_norm='summed' with penalty='topk'"),
     ('[[grid]]\n', ["--lambda-log", "0", "1", "3"], "a log grid needs finite numbers > 0"),
-    ('[[grid]]\n', ["--n-features", "0"], "n_features=0: expected a positive integer"),
+    ('[[grid]]\nn_features = [0]\n', [], "n_features=0: expected a positive integer"),
     ('[[grid]]\nwidth = [8]\n', [], "unknown key(s) ['width']"),
 ])
 def test_sweep_bad_input_exits_2_in_one_line_and_starts_nothing(tmp_path, capsys, spec, flags,
@@ -201,9 +221,24 @@ def test_sweep_from_flags_trains_exactly_the_runs_its_flags_describe(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "--seed", "1.5"], "invalid int value: '1.5'"),
+    (["train", "--seed", "1.5"], "--seed: seed='1.5': expected an integer >= 0"),
     (["convert", "a"], "required: dst, --to"),
     (["no-such-command"], "invalid choice"),
+    (["sweep", "--n-features", "0"], "n_features=0: expected an integer >= 1"),
+    (["sweep", "--seeds", "2.5"], "seeds='2.5'"),
+    (["sweep", "--penalty", "l2"], "invalid choice: 'l2'"),
+    (["sweep", "--lambda-log", "0.1", "nan", "3"], "lambda_log=nan"),
+    (["graph", "tc", "--model", "tiny", "--prompt", "a", "--node-threshold", "2"],
+     "node_threshold=2"),
+    (["graph", "tc", "--model", "tiny", "--prompt", "a", "--batch-size", "0"], "batch_size=0"),
+    (["patch", "--seeds", "-1"], "seeds=-1"),
+    (["patch", "--device", "gpu"], "--device 'gpu'"),
+    (["reproduce", "--seeds", "1e3"], "seeds='1e3'"),
+    (["reproduce", "--threads", "many"], "threads='many'"),
+    (["compare", "a", "b", "--model", "tiny", "--threads", "-2"], "threads=-2"),
+    (["evaluate", "x", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["train", "--model", "tiny", "--layers", "-1"], "layers=-1"),
+    (["convert", "a", "b", "--to", "clt-eval", "--n-model-layers", "0"], "n_model_layers=0"),
 ])
 def test_usage_errors_are_one_line_with_a_hint(args, needle, capsys):
     with pytest.raises(SystemExit) as info:

@@ -1,0 +1,87 @@
+"""Which device and dtype a job computes on, and how many CPU threads it uses.
+
+Names are checked without importing torch (``check_device_name``, ``check_dtype_name``), so
+the command line can refuse a misspelt ``--device`` before any heavy import; ``resolve_*``
+turn a checked name into the torch object and check that the device exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from clt_eval.errors import CltEvalError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # plus cuda:N
+DTYPE_CHOICES = ("float32", "bfloat16")
+# More threads than this rarely helps these workloads and makes OpenMP's spin-waits costly
+# on shared machines.
+MAX_AUTO_THREADS = 32
+_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+
+
+def check_device_name(name: str, option: str = "--device") -> str:
+    """``name`` if it is auto, cpu, cuda or cuda:N; else a one-line error."""
+    if name in DEVICE_CHOICES or _CUDA_INDEX.fullmatch(str(name)):
+        return name
+    raise CltEvalError(f"{option} {name!r}: unknown device; expected auto, cpu, cuda or cuda:N")
+
+
+def check_dtype_name(name: str, option: str = "--dtype") -> str:
+    if name in DTYPE_CHOICES:
+        return name
+    raise CltEvalError(f"{option} {name!r}: unknown dtype; expected "
+                       + " or ".join(DTYPE_CHOICES))
+
+
+def resolve_device(name: str = "auto", option: str = "--device"):
+    """The torch device for ``name``: auto picks cuda when a GPU is visible, else cpu."""
+    import torch
+
+    check_device_name(name, option)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CltEvalError(f"{option} {name}: no CUDA device is available; expected cpu or auto")
+    index = _CUDA_INDEX.fullmatch(name)
+    if index is not None and int(index.group(1)) >= torch.cuda.device_count():
+        raise CltEvalError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                           f"are visible; expected an index below that")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str = "float32", option: str = "--dtype"):
+    import torch
+
+    check_dtype_name(name, option)
+    return getattr(torch, name)
+
+
+def physical_cores() -> int | None:
+    """Physical cores of this machine from /proc/cpuinfo (None where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    pairs, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            pairs.add((phys, value.strip()))
+    return len(pairs) or None
+
+
+def auto_threads() -> int:
+    """CPU threads for torch: the CPUs this process may run on, counted as physical cores
+    (hyper-threads share one core's arithmetic units), at most MAX_AUTO_THREADS."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    logical, physical = os.cpu_count() or allowed, physical_cores()
+    per_core = max(1, logical // physical) if physical else 1
+    return max(1, min(MAX_AUTO_THREADS, allowed // per_core))

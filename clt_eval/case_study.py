@@ -194,8 +194,7 @@ def load_case_study(spec: str, validate: bool = False, **kwargs) -> CaseStudy:
         case.clt_eval_spec = spec
     except AttributeError:  # a frozen or slotted plugin object: its name must do
         pass
-    if validate:
-        from clt_eval.contract import check_case_study
+    from clt_eval.contract import check_case_study, check_interface
 
-        check_case_study(case, spec)
+    (check_case_study if validate else check_interface)(case, spec)
     return case

@@ -37,6 +37,12 @@ def _positive_int(field: str, value: object) -> None:
             f"{field}={value!r}: expected a positive integer")
 
 
+def _number(field: str, value: object) -> None:
+    """A finite number >= 0; true/false are not numbers here, though Python counts them."""
+    require(not isinstance(value, bool), f"{field}={value!r}: expected a number, not a boolean")
+    check_finite_nonneg(field, value)
+
+
 @dataclass(frozen=True)
 class TranscoderConfig:
     """Shape and activation of one transcoder (PLT or CLT)."""
@@ -63,8 +69,10 @@ class TranscoderConfig:
         else:
             require(self.k is None, f"k={self.k!r}: only topk/batchtopk activations take k")
         for name in ("jumprelu_bandwidth", "jumprelu_threshold_init"):
-            check_finite_nonneg(name, getattr(self, name))
+            _number(name, getattr(self, name))
             require(getattr(self, name) > 0, f"{name}: expected a number > 0")
+        # A truthy string such as "no" must not silently switch the skip map on.
+        require(isinstance(self.skip, bool), f"skip={self.skip!r}: expected true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +104,7 @@ class LossConfig:
         check_choice("decoder_norm", self.decoder_norm, DECODER_NORMS)
         for name in ("sparsity_coef", "tanh_scale", "preact_coef", "auxk_coef",
                      "cross_layer_coef"):
-            check_finite_nonneg(name, getattr(self, name))
+            _number(name, getattr(self, name))
         if self.penalty in NORMED_PENALTIES:
             require(self.decoder_norm != "none",
                     f"decoder_norm='none' with penalty={self.penalty!r}: expected one of "

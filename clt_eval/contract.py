@@ -18,8 +18,9 @@ METHODS = ("model", "inputs", "off_distribution_inputs", "output_value", "ground
            "input_directions", "circuit")
 
 
-def check_case_study(case, label: str | None = None) -> None:
-    """Raise ``CltEvalError`` naming the case study, the field and what was expected."""
+def check_interface(case, label: str | None = None) -> None:
+    """The checks that need no model: the object has the contract's fields and methods, and
+    its sizes are positive integers. Cheap, so every load makes them."""
     label = label or getattr(case, "name", type(case).__name__)
 
     def need(cond: bool, what: str) -> None:
@@ -38,6 +39,17 @@ def check_case_study(case, label: str | None = None) -> None:
         need(isinstance(hooks, tuple | list) and len(hooks) == L,
              f"{f} has {len(hooks) if hasattr(hooks, '__len__') else '?'} entries; expected "
              f"one hook name per layer ({L})")
+
+
+def check_case_study(case, label: str | None = None) -> None:
+    """Raise ``CltEvalError`` naming the case study, the field and what was expected."""
+    label = label or getattr(case, "name", type(case).__name__)
+
+    def need(cond: bool, what: str) -> None:
+        require(cond, f"case study {label!r}: {what}")
+
+    check_interface(case, label)
+    L, D = case.n_layers, case.d_model
     model = _call(case, "model", label)
     hook_dict = getattr(model, "hook_dict", None)
     need(isinstance(hook_dict, dict), "model() returned no hook_dict; expected a "
@@ -50,9 +62,9 @@ def check_case_study(case, label: str | None = None) -> None:
     _check_circuit(case, gt, need, L)
 
 
-def _call(case, method: str, label: str):
+def _call(case, method: str, label: str, *args):
     try:
-        return getattr(case, method)()
+        return getattr(case, method)(*args)
     except CltEvalError:
         raise
     except Exception as exc:
@@ -65,13 +77,21 @@ def _check_steps(case, need, hook_dict, L, D):
     need(isinstance(gt, list | tuple) and len(gt) >= 2,
          f"ground_truth() returned {len(gt) if hasattr(gt, '__len__') else gt!r} steps; "
          "expected a list of at least 2 GroundTruthLayer (a middle step and the output)")
+    for i, g in enumerate(gt):  # a plugin's own objects: their fields are checked, not trusted
+        need(all(hasattr(g, f) for f in ("layer", "hook", "names", "directions_GD")),
+             f"ground_truth()[{i}] is {type(g).__name__}; expected a GroundTruthLayer "
+             "(layer, hook, names, directions_GD)")
+        need(isinstance(g.directions_GD, torch.Tensor),
+             f"ground_truth()[{i}].directions_GD is {type(g.directions_GD).__name__}; "
+             "expected a tensor [G, d_model]")
     layers = [g.layer for g in gt]
     need(len(set(layers)) == len(layers), f"ground_truth(): layers {layers} repeat; expected "
          "one step per layer")
     for g in gt:
         where = f"ground_truth() step at layer {g.layer}"
-        need(isinstance(g.layer, int) and 0 <= g.layer < L,
+        need(isinstance(g.layer, int) and not isinstance(g.layer, bool) and 0 <= g.layer < L,
              f"{where}: layer out of range; expected 0..{L - 1}")
+        need(isinstance(g.hook, str), f"{where}: hook {g.hook!r}; expected a hook name")
         need(g.hook in hook_dict, f"{where}: hook {g.hook!r} is not a hook point of the model")
         need(len(g.names) > 0 and len(set(g.names)) == len(g.names),
              f"{where}: names {list(g.names)}; expected one or more distinct names")
@@ -113,20 +133,30 @@ def _check_run(case, model, gt, need, label) -> None:
         shape = tuple(cache[g.hook].shape)
         need(shape == (n, len(g.names)), f"ground_truth() step at layer {g.layer}: hook "
              f"{g.hook!r} holds shape {shape}; expected [{n}, {len(g.names)}]")
-    value = case.output_value(out)
+    try:
+        value = case.output_value(out)
+    except Exception as exc:
+        raise CltEvalError(f"case study {label!r}: output_value() raised "
+                           f"{type(exc).__name__}: {exc}") from None
+    need(isinstance(value, torch.Tensor), f"output_value() returned {type(value).__name__}; "
+         f"expected a tensor [{n}]")
     need(tuple(value.shape) == (n,), f"output_value() has shape {tuple(value.shape)}; "
          f"expected [{n}]")
     need(bool(torch.isfinite(value).all()), "output_value() is not finite on inputs()")
     dirs = _call(case, "input_directions", label)
-    need(dirs.dim() == 2 and dirs.shape[1] == D,
-         f"input_directions() has shape {tuple(dirs.shape)}; expected [I, {D}]")
-    off = case.off_distribution_inputs(4, 0)
+    need(isinstance(dirs, torch.Tensor) and dirs.dim() == 2 and dirs.shape[1] == D,
+         f"input_directions() has shape {tuple(getattr(dirs, 'shape', ()))}; expected "
+         f"[I, {D}]")
+    off = _call(case, "off_distribution_inputs", label, 4, 0)
     need(isinstance(off, torch.Tensor) and off.shape[0] == 4,
          "off_distribution_inputs(4, 0) did not return 4 samples")
 
 
 def _check_circuit(case, gt, need, L) -> None:
     circuit = _call(case, "circuit", getattr(case, "name", "?"))
+    need(all(hasattr(circuit, f) for f in ("nodes", "edges", "node_layers")),
+         f"circuit() returned {type(circuit).__name__}; expected a Circuit (nodes, edges, "
+         "node_layers)")
     nodes = set(circuit.nodes)
     need(len(nodes) == len(circuit.nodes), "circuit(): nodes repeat; expected unique names")
     need(len(circuit.edges) > 0, "circuit(): no edges")

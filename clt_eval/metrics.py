@@ -2,6 +2,12 @@
 
 Shapes: R runs, B samples, L layers, F transcoder features, G ground-truth features,
 D d_model. Every number in a report comes from one of these.
+
+Run independence: a metric over an ensemble gives each run exactly the number it gets alone.
+Batched products and sums over several runs at once do not: BLAS picks kernels by batch size
+and PyTorch splits reductions by shape, so one run's rounding would depend on how many runs
+it shares a tensor with. Every reduction below therefore runs once per run (``per_run``), on
+that run's slice alone, the same call whatever the ensemble.
 """
 
 from __future__ import annotations
@@ -11,13 +17,20 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 
+def per_run(fn, *run_tensors, shared=()):
+    """``fn`` applied to each run's slice of ``run_tensors`` (plus the ``shared`` arguments),
+    stacked back along a leading run axis: the same call a run alone makes."""
+    R = run_tensors[0].shape[0]
+    return torch.stack([fn(*(t[r] for t in run_tensors), *shared) for r in range(R)])
+
+
 def nmse_per_layer(recon_RBLD: torch.Tensor, target_BLD: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained per layer, [R, L]: Σ‖ŷ−y‖² / Σ‖y−ȳ‖².
 
     NaN for a layer whose output does not vary over the data (a constant MLP output has no
     variance to explain; dividing by a clamped tiny variance would report rounding noise as
     errors of 1e10)."""
-    err = (recon_RBLD - target_BLD[None]).pow(2).sum((1, 3))
+    err = per_run(lambda r_BLD: (r_BLD - target_BLD).pow(2).sum((0, 2)), recon_RBLD)
     var = (target_BLD - target_BLD.mean(0)).pow(2).sum((0, 2))
     scale = target_BLD.pow(2).sum((0, 2))
     constant = var <= 1e-10 * scale.clamp_min(1e-12)
@@ -26,12 +39,12 @@ def nmse_per_layer(recon_RBLD: torch.Tensor, target_BLD: torch.Tensor) -> torch.
 
 def l0_per_layer(acts_RBLF: torch.Tensor) -> torch.Tensor:
     """Mean number of active features per sample at each layer, [R, L]."""
-    return (acts_RBLF > 0).float().sum(-1).mean(1)
+    return per_run(lambda a_BLF: (a_BLF > 0).float().sum(-1).mean(0), acts_RBLF)
 
 
 def dead_fraction(acts_RBLF: torch.Tensor) -> torch.Tensor:
     """Fraction of features that never fire on the data, per layer, [R, L]."""
-    return (~(acts_RBLF > 0).any(1)).float().mean(-1)
+    return per_run(lambda a_BLF: (~(a_BLF > 0).any(0)).float().mean(-1), acts_RBLF)
 
 
 def correlation_matrix(a_NF: torch.Tensor, b_NG: torch.Tensor) -> torch.Tensor:
@@ -93,15 +106,19 @@ def skip_fraction(contrib_RBSD: torch.Tensor, dirs_GD: torch.Tensor, target_laye
     target_layer. 0 = faithful, 1 = fully skipped; NaN when nothing is written. Returns [R].
     """
     Q = span_basis(dirs_GD).to(contrib_RBSD.dtype)
-    mass_RS = (contrib_RBSD @ Q).norm(dim=-1).sum(1)
-    early = mass_RS[:, :target_layer].sum(-1)
-    total = mass_RS[:, : target_layer + 1].sum(-1)
-    return torch.where(total > 1e-9, early / total.clamp_min(1e-9), torch.full_like(total, np.nan))
+    return per_run(_skip_fraction_one, contrib_RBSD, shared=(Q, target_layer))
+
+
+def _skip_fraction_one(contrib_BSD: torch.Tensor, Q_DK: torch.Tensor, target_layer: int):
+    mass_S = (contrib_BSD @ Q_DK).norm(dim=-1).sum(0)
+    early = mass_S[:target_layer].sum()
+    total = mass_S[: target_layer + 1].sum()
+    return early / total.clamp_min(1e-9) if total > 1e-9 else torch.full_like(total, np.nan)
 
 
 def output_accuracy(pred_RN: torch.Tensor, true_N: torch.Tensor, tol: float) -> torch.Tensor:
     """Fraction of samples whose output is within ``tol`` of the truth, [R]."""
-    return ((pred_RN - true_N[None]).abs() < tol).float().mean(-1)
+    return per_run(lambda p_N: ((p_N - true_N).abs() < tol).float().mean(), pred_RN)
 
 
 def intervention_agreement(true_clean_N, true_int_N, repl_int_RN, tol: float):
@@ -115,14 +132,14 @@ def intervention_agreement(true_clean_N, true_int_N, repl_int_RN, tol: float):
     moved = (true_int_N - true_clean_N).abs() > tol
     if not bool(moved.any()):
         return torch.full(repl_int_RN.shape[:1], float("nan"))
-    hit = (repl_int_RN[:, moved] - true_int_N[moved][None]).abs() < tol
-    return hit.float().mean(-1)
+    want = true_int_N[moved]
+    return per_run(lambda p_N: ((p_N[moved] - want).abs() < tol).float().mean(), repl_int_RN)
 
 
 def output_agreement(pred_RN: torch.Tensor, true_N: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean absolute error and correlation of replacement vs true outputs, each [R]."""
-    mae = (pred_RN - true_N[None]).abs().mean(-1)
-    corr = correlation_matrix(pred_RN.T, true_N[:, None])[:, 0]
+    mae = per_run(lambda p_N: (p_N - true_N).abs().mean(), pred_RN)
+    corr = per_run(lambda p_N: correlation_matrix(p_N[:, None], true_N[:, None])[0, 0], pred_RN)
     return {"mae": mae, "corr": corr}
 
 
@@ -150,11 +167,17 @@ def decoder_mass(block_norms_RSTF: torch.Tensor, acts_RBLF: torch.Tensor):
     mass in blocks t > s over all mass: 0 for a PLT, and the part of a CLT's output that
     bypasses the layers in between. NaN share when nothing fires.
     """
-    mass_RST = torch.einsum("rsf,rstf->rst", acts_RBLF.mean(1), block_norms_RSTF)
+    mass_RST = per_run(_block_mass, acts_RBLF, block_norms_RSTF)
     S = mass_RST.shape[1]
     off = torch.ones(S, S, dtype=torch.bool, device=mass_RST.device).triu(1)
-    total = mass_RST.sum((1, 2))
-    cross = (mass_RST * off).sum((1, 2))
+    total = per_run(torch.sum, mass_RST)
+    cross = per_run(lambda m_ST: (m_ST * off).sum(), mass_RST)
     share = torch.where(total > 1e-12, cross / total.clamp_min(1e-12),
                         torch.full_like(total, float("nan")))
-    return mass_RST.sum(-1), share
+    return per_run(lambda m_ST: m_ST.sum(-1), mass_RST), share
+
+
+def _block_mass(acts_BLF: torch.Tensor, norms_STF: torch.Tensor) -> torch.Tensor:
+    """[S, T]: Σ_f mean activation × block norm, as an elementwise product and a sum (an
+    einsum would pick its kernel by shape)."""
+    return (acts_BLF.mean(0)[:, None, :] * norms_STF).sum(-1)

@@ -66,7 +66,6 @@ def test_round_trip_is_exact(tmp_path, kw):
     back = load_transcoder(out)
     assert back.cfg == cfg and back.n_runs == 1 and not back.training
     want = tc.state_dict()
-    want["W_dec"] = tc.masked_W_dec()
     got = back.state_dict()
     assert want.keys() == got.keys()
     for name in want:
@@ -86,8 +85,8 @@ def test_folder_contents(tmp_path):
     assert data["format"] == "clt-eval" and data["version"] == 1 and data["extra"] == {}
     tensors = safetensors.torch.load_file(str(out / "weights.safetensors"))
     assert {k: list(v.shape) for k, v in tensors.items()} == {
-        "W_enc": [L, D, F], "b_enc": [L, F], "W_dec": [L, L, F, D], "b_dec": [L, D],
-        "W_skip": [L, D, D], "log_threshold": [L, F]}
+        "W_enc": [L, D, F], "b_enc": [L, F], "W_dec_0": [F, L, D], "W_dec_1": [F, L - 1, D],
+        "b_dec": [L, D], "W_skip": [L, D, D], "log_threshold": [L, F]}
 
 
 # ---- saving ------------------------------------------------------------------------------
@@ -197,6 +196,17 @@ def test_invalid_json(tmp_path):
     (lambda d: d["transcoder"].update(colour="red"), "unknown key(s) ['colour']"),
     (lambda d: d["transcoder"].pop("d_model"), "d_model"),
     (lambda d: d.update(transcoder=[1, 2]), "expected a JSON object for TranscoderConfig"),
+    # Wrong JSON types: a truthy string must not switch the skip map on, and true/false or a
+    # numeric string are not numbers.
+    (lambda d: d["transcoder"].update(skip="no"), "skip='no': expected true or false"),
+    (lambda d: d["transcoder"].update(skip=0), "skip=0: expected true or false"),
+    (lambda d: d["transcoder"].update(d_model=True), "d_model=True: expected a positive integer"),
+    (lambda d: d["transcoder"].update(n_features="16"), "n_features='16': expected a positive"),
+    (lambda d: d["transcoder"].update(jumprelu_bandwidth=True),
+     "jumprelu_bandwidth=True: expected a number, not a boolean"),
+    (lambda d: d["transcoder"].update(jumprelu_threshold_init="0.1"),
+     "jumprelu_threshold_init='0.1': expected a finite number >= 0"),
+    (lambda d: d["transcoder"].update(arch=["clt"]), "arch=['clt'] is not one of"),
 ])
 def test_bad_config_fields(tmp_path, edit, needle):
     out = saved(tmp_path)
@@ -240,12 +250,12 @@ def test_unexpected_tensor(tmp_path):
 
 def test_wrong_shape(tmp_path):
     out = saved(tmp_path)
-    edit_weights(out, lambda t: t.update(W_dec=torch.zeros(L, L, 12, D)))
+    edit_weights(out, lambda t: t.update(W_dec_0=torch.zeros(12, L, D)))
     with pytest.raises(CltEvalError) as err:
         load_transcoder(out)
     assert str(err.value) == (
-        f"{out}/weights.safetensors: tensor 'W_dec' has shape [2, 2, 12, 10], expected "
-        "[2, 2, 16, 10] from config.json (n_layers=2, n_features=16, d_model=10)")
+        f"{out}/weights.safetensors: tensor 'W_dec_0' has shape [12, 2, 10], expected "
+        "[16, 2, 10] from config.json (n_layers=2, n_features=16, d_model=10)")
 
 
 def test_wrong_dtype(tmp_path):

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from clt_eval import metrics as M
@@ -149,3 +150,53 @@ def test_output_agreement():
     res = M.output_agreement(pred, true)
     torch.testing.assert_close(res["mae"], torch.tensor([0.0, 4 / 3, 2 / 3]))
     torch.testing.assert_close(res["corr"], torch.tensor([1.0, -1.0, 0.0]))
+
+
+# ---- run independence ----------------------------------------------------------------------
+@torch.no_grad()
+def _perturbed_ensemble(case, activation: str, k=None):
+    from clt_eval.config import TranscoderConfig
+    from clt_eval.transcoder import Transcoder
+
+    cfgs = [TranscoderConfig(d_model=case.d_model, n_layers=case.n_layers, n_features=8,
+                             arch=arch, activation=activation, k=k)
+            for arch in ("clt", "plt", "clt", "clt", "plt")]
+    tc = Transcoder(cfgs, seeds=[3, 1, 4, 1, 5])
+    g = torch.Generator().manual_seed(0)
+    for p in tc.parameters():  # away from the init, so every metric has something to measure
+        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return tc
+
+
+@pytest.mark.parametrize("activation,k", [("relu", None), ("jumprelu", None), ("topk", 2)])
+def test_every_metric_of_a_run_is_the_same_in_an_ensemble_and_alone(case, model, activation, k):
+    """Bitwise (==, not allclose): a run's numbers must not depend on its neighbours."""
+    from clt_eval.evaluate import evaluate
+
+    tc = _perturbed_ensemble(case, activation, k)
+    in_ensemble = evaluate(case, tc, model)
+    for r in (0, 1, 4):
+        alone = evaluate(case, tc.select([r]), model)[0]
+        assert alone.keys() == in_ensemble[r].keys()
+        differ = [key for key in alone if alone[key] != in_ensemble[r][key]]
+        assert differ == [], f"run {r}: {differ}"
+
+
+def test_reductions_over_runs_are_run_independent():
+    """The run-batched metrics on wide data (where batched kernels round differently)."""
+    g = torch.Generator().manual_seed(5)
+    pred = torch.randn(5, 4099, generator=g)
+    true = pred[2] + 0.3 * torch.randn(4099, generator=g)
+    both, one = M.output_agreement(pred, true), M.output_agreement(pred[2:3].clone(), true)
+    assert torch.equal(both["corr"][2:3], one["corr"]) and torch.equal(both["mae"][2:3],
+                                                                         one["mae"])
+    recon, target = torch.randn(5, 300, 3, 40, generator=g), torch.randn(300, 3, 40, generator=g)
+    assert torch.equal(M.nmse_per_layer(recon, target)[2:3],
+                       M.nmse_per_layer(recon[2:3].clone(), target))
+    contrib, dirs = torch.randn(5, 300, 3, 40, generator=g), torch.randn(2, 40, generator=g)
+    assert torch.equal(M.skip_fraction(contrib, dirs, 2)[2:3],
+                       M.skip_fraction(contrib[2:3].clone(), dirs, 2))
+    norms, acts = torch.rand(5, 3, 3, 64, generator=g), torch.rand(5, 300, 3, 64, generator=g)
+    for a, b in zip(M.decoder_mass(norms, acts), M.decoder_mass(norms[2:3].clone(),
+                                                                  acts[2:3].clone()), strict=True):
+        assert torch.equal(a[2:3], b)

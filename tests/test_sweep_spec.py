@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from clt_eval.training.sweep_spec import load_spec, log_grid, parse_spec
 
 from clt_eval.errors import CltEvalError
+from clt_eval.training.sweep_spec import load_spec, log_grid, parse_spec
 
 TOML = """
 name = "t"
@@ -81,7 +81,29 @@ def test_log_grid_spans_the_range_evenly_in_log_space():
     ({"grid": [{}], "speed": 3}, "spec: unknown key(s) ['speed']"),
     ({"grid": [{}], "train": {"stepz": 3}}, "train: unknown key(s) ['stepz']"),
     ({"grid": [{}], "matched_l0": {"targets": []}}, "matched_l0.targets: empty grid"),
-    ({"grid": [{"seeds": 0}]}, "grid[0].seeds=0: expected an integer > 0"),
+    ({"grid": [{"seeds": 0}]}, "grid[0].seeds=0: expected an integer in 1..100000"),
+    ({"grid": [{"seeds": 10**9}]}, "grid[0].seeds=1000000000: expected an integer in 1.."),
+    ({"grid": [{"seed": ["a"]}]}, "grid[0].seed: 'a' is not a seed; expected an integer in "
+                                 "0..2**63-1"),
+    ({"grid": [{"seed": [0.5]}]}, "grid[0].seed: 0.5 is not a seed"),
+    ({"grid": [{"seed": [-1]}]}, "grid[0].seed: -1 is not a seed"),
+    ({"grid": [{"seed": [2**63]}]}, "grid[0].seed: 9223372036854775808 is not a seed"),
+    ({"grid": [{"seed": [True]}]}, "grid[0].seed: True is not a seed"),
+    ({"grid": [{"skip": "no"}]}, "grid[0].skip: 'no' is str; expected true or false"),
+    ({"grid": [{"n_features": "16"}]}, "grid[0].n_features: '16' is str; expected an integer"),
+    ({"grid": [{"n_features": [2.0]}]}, "grid[0].n_features: 2.0 is float; expected an integer"),
+    ({"grid": [{"sparsity_coef": ["0.1"]}]}, "grid[0].sparsity_coef: '0.1' is str"),
+    ({"grid": [{"sparsity_coef": [[0.1]]}]}, "grid[0].sparsity_coef: [0.1] is list"),
+    ({"grid": [{"k": True, "penalty": "topk"}]}, "grid[0].k: True is bool; expected an integer"),
+    ({"grid": [{"label": ["x"]}]}, "grid[0].label=['x']: expected a string"),
+    ({"grid": [{"n_features": list(range(1, 500)), "seeds": 500}]},
+     "grid[0]: expands to 249500 runs; expected at most 100000"),
+    ({"grid": [{"sparsity_coef": {"log": [0.1, 1.0, 10**8]}}]}, "n=100000000; expected an "
+                                                                "integer in 1..10000"),
+    ({"grid": [{}], "train": {"steps": True}}, "train.steps: True is bool; expected an integer"),
+    ({"grid": [{}], "train": {"lr": "1e-3"}}, "train.lr: '1e-3' is str; expected a number"),
+    ({"grid": [{}], "matched_l0": {"targets": [True]}}, "matched_l0.targets: True is bool"),
+    ({"grid": [{}], "matched_l0": {"seeds": 2.5}}, "matched_l0.seeds: 2.5 is float"),
 ])
 def test_bad_specs_fail_in_one_line_naming_the_key(data, needle):
     with pytest.raises(CltEvalError) as exc:

@@ -15,10 +15,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from clt_eval.training.config import RunSpec, TrainConfig
-
 from clt_eval.config import ACTIVATIONS, ARCHS, DECODER_NORMS, NORMED_PENALTIES, PENALTIES
 from clt_eval.errors import CltEvalError, require
+from clt_eval.training.config import RunSpec, TrainConfig
 
 DEFAULT_SPEC = Path(__file__).parent / "specs" / "default_sweep.toml"
 RUN_FIELDS = tuple(f.name for f in fields(RunSpec))
@@ -26,6 +25,12 @@ CHOICES = {"arch": ARCHS, "penalty": PENALTIES, "decoder_norm": DECODER_NORMS,
            "activation": (*ACTIVATIONS, None)}
 BLOCK_KEYS = (*RUN_FIELDS, "seeds", "label")
 TOP_KEYS = ("name", "description", "case_study", "train", "grid", "matched_l0")
+# Seeds feed torch.Generator.manual_seed, which takes a non-negative 64-bit integer.
+SEED_MAX = 2**63 - 1
+# A spec that expands past these is a typo (seeds = 1e9), not a sweep: refuse it before
+# building a list that would exhaust memory.
+MAX_RUNS_PER_BLOCK = 100_000
+MAX_LOG_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -151,15 +156,23 @@ def parse_block(block: dict, i: int) -> GridBlock:
         if key == "label":
             continue
         if key == "seeds":
-            require(isinstance(raw, int) and not isinstance(raw, bool) and raw > 0,
-                    f"{where}.seeds={raw!r}: expected an integer > 0 (the number of seeds)")
+            require(isinstance(raw, int) and not isinstance(raw, bool)
+                    and 0 < raw <= MAX_RUNS_PER_BLOCK, f"{where}.seeds={raw!r}: expected an "
+                    f"integer in 1..{MAX_RUNS_PER_BLOCK} (the number of seeds)")
             values["seed"] = tuple(range(raw))
         elif key == "sparsity_coef" and isinstance(raw, dict):
             values[key] = log_grid(raw, f"{where}.sparsity_coef")
         else:
             values[key] = _as_values(raw, f"{where}.{key}", CHOICES.get(key))
+            for v in values[key]:
+                check_type(f"{where}.{key}", v, RUN_TYPES[key])
     _default_decoder_norm(values)
-    label = block.get("label") or _auto_label(values)
+    n_runs = math.prod(len(v) for v in values.values())
+    require(n_runs <= MAX_RUNS_PER_BLOCK, f"{where}: expands to {n_runs} runs; expected at "
+            f"most {MAX_RUNS_PER_BLOCK} per block")
+    label = block.get("label")
+    require(label is None or isinstance(label, str), f"{where}.label={label!r}: expected a string")
+    label = label or _auto_label(values)
     try:
         runs = GridBlock(str(label), values).runs()
     except CltEvalError as exc:
@@ -179,8 +192,9 @@ def log_grid(raw: dict, where: str) -> tuple[float, ...]:
     require(all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0
                 and math.isfinite(x) for x in (lo, hi)),
             f"{where}.log: lo={lo!r}, hi={hi!r}; a log grid needs finite numbers > 0")
-    require(isinstance(n, int) and not isinstance(n, bool) and n > 0,
-            f"{where}.log: n={n!r}; expected an integer > 0 (the number of points)")
+    require(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_LOG_POINTS,
+            f"{where}.log: n={n!r}; expected an integer in 1..{MAX_LOG_POINTS} (the number "
+            "of points)")
     require(lo <= hi, f"{where}.log: lo={lo!r} > hi={hi!r}; expected lo <= hi")
     if n == 1:
         return (float(lo),)
@@ -217,6 +231,39 @@ def _auto_label(values: dict) -> str:
                     if k in ("penalty", "decoder_norm"))
 
 
+# ---- value types ---------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# A dataclass field's annotation (a string, under postponed annotations) -> (test, expected).
+# bool is a subclass of int in Python, and a YAML "no" is a string: both are checked here so
+# that neither reaches a config as a number or as a truthy flag.
+_TYPE_CHECKS = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
+}
+RUN_TYPES = {f.name: str(f.type) for f in fields(RunSpec)} | {"seed": "seed"}
+
+
+def check_type(where: str, value, kind: str) -> None:
+    """One-line error unless ``value`` fits the field type ``kind`` (or is a valid seed)."""
+    if kind == "seed":
+        require(_is_int(value) and 0 <= value <= SEED_MAX,
+                f"{where}: {value!r} is not a seed; expected an integer in 0..2**63-1")
+        return
+    test, expected = _TYPE_CHECKS[kind]
+    require(test(value), f"{where}: {value!r} is {type(value).__name__}; expected {expected}")
+
+
 def _check_keys(where: str, data: dict, allowed) -> None:
     require(isinstance(data, dict), f"{where}: expected a mapping")
     unknown = sorted(set(data) - set(allowed))
@@ -227,6 +274,12 @@ def _sub_config(cls, data, where: str):
     _check_keys(where, data, [f.name for f in fields(cls)])
     if cls is MatchedL0Spec and "targets" in data:
         data = data | {"targets": tuple(_as_values(data["targets"], f"{where}.targets", None))}
+        for t in data["targets"]:
+            check_type(f"{where}.targets", t, "float")
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in data.items():
+        if kinds[key] in _TYPE_CHECKS:
+            check_type(f"{where}.{key}", value, kinds[key])
     try:
         return cls(**data)
     except CltEvalError as exc:

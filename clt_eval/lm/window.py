@@ -9,6 +9,7 @@ layouts carry the hook names and layer indices in their own fields.
 
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass
 
 from clt_eval.errors import CltEvalError, require
@@ -34,8 +35,12 @@ class LayerWindow:
         require(list(self.layers) == sorted(set(self.layers)),
                 f"layers={list(self.layers)}: expected distinct layers in increasing order")
         for name in ("input_hook", "output_hook"):
-            require("{layer}" in getattr(self, name),
-                    f"{name}={getattr(self, name)!r}: expected a template containing '{{layer}}'")
+            template = getattr(self, name)
+            # Only {layer} is filled in: any other placeholder would fail later, mid-job.
+            fields = _placeholders(template) if isinstance(template, str) else None
+            require(fields == {"layer"},
+                    f"{name}={template!r}: expected a template whose only placeholder is "
+                    "'{layer}'")
 
     @property
     def n_layers(self) -> int:
@@ -62,3 +67,11 @@ class LayerWindow:
             return cls(**data)
         except CltEvalError as exc:
             raise CltEvalError(f"{source}: {exc}") from None
+
+
+def _placeholders(template: str) -> set[str] | None:
+    """The names of a format string's fields, or None if it does not parse."""
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError:
+        return None

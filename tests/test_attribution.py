@@ -30,7 +30,8 @@ def _tc(arch, layers, skip=False, **kw) -> Transcoder:
     tc = Transcoder([cfg])
     with torch.no_grad():  # sparse-ish features whose decoders matter downstream
         tc.b_enc.fill_(-0.2)
-        tc.W_dec.mul_(30)
+        for W in tc.decoder_params():
+            W.mul_(30)
         if skip:
             tc.W_skip.normal_(0, 0.1)
     return tc.eval()
@@ -46,7 +47,7 @@ def setup(request, tiny_lm, tokens):
     torch.manual_seed(0)
     arch, layers, skip = SETUPS[request.param]
     tc, window = _tc(arch, layers, skip), LayerWindow(layers)
-    g = attribute(tiny_lm, tc, window, tokens, batch_size=7)
+    g = attribute(tiny_lm, tc, window, tokens, batch_size=7, conventions="clt-eval")
     return tc, window, g, build_local_replacement(tiny_lm, tc, window, tokens)
 
 
@@ -276,7 +277,9 @@ def test_write_graph_prunes_and_draws(setup, tmp_path):
     assert {"replacement", "completeness", "pruned_replacement", "pruned_completeness"} \
         <= set(data["scores"])
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["graph.json", "graph.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["graph.json", "graph.png", "graph.viewer.json"]
+    assert paths["png"].stat().st_size < 300_000
 
 
 def test_bad_input_is_one_line(tiny_lm, tokens):
@@ -294,9 +297,8 @@ def test_bad_input_is_one_line(tiny_lm, tokens):
 
 def test_make_graph_writes_files_or_nothing(tmp_path):
     """`clt-eval graph`'s job: a saved windowed transcoder, a model by name, a prompt."""
-    from clt_eval.training.graph_plot import make_graph
-
     from clt_eval.formats.native import save_native
+    from clt_eval.training.graph_plot import make_graph
 
     good = save_native(_tc("clt", (1, 2)), LayerWindow((1, 2)), tmp_path / "good")
     paths = make_graph(good, "tiny", "To be or not", tmp_path / "out", max_logits=3)
@@ -315,3 +317,100 @@ def test_make_graph_writes_files_or_nothing(tmp_path):
             make_graph(path, "tiny", "To be", tmp_path / f"out-{folder}")
         assert needle in str(exc.value) and "\n" not in str(exc.value)
         assert not (tmp_path / f"out-{folder}").exists()
+
+
+# ---- conventions: circuit-tracer's (default) and clt-eval's earlier ones -------------------
+def test_circuit_tracer_convention_zeroes_position_0(tiny_lm, tokens):
+    """circuit-tracer's convention: no features at position 0 and its error nodes carry no
+    edges; every other edge is the one clt-eval's skip_first graph has (gradients do not depend
+    on what the constants are), and the local replacement model still reproduces the model."""
+    tc, window = _tc("clt", (0, 1, 2, 3)), LayerWindow((0, 1, 2, 3))
+    ct = attribute(tiny_lm, tc, window, tokens, target_tokens=[5, 7])
+    old = attribute(tiny_lm, tc, window, tokens, target_tokens=[5, 7], conventions="clt-eval",
+                    skip_first=True)
+    assert ct.meta["conventions"] == "circuit-tracer" and ct.meta["zero_first_errors"] is True
+    assert ct.kind == old.kind and ct.position == old.position
+    first_err = torch.tensor([k == "error" and p == 0 for k, p in zip(ct.kind, ct.position,
+                                                                     strict=True)])
+    assert first_err.sum() == 4 and old.A_NN[:, first_err].abs().sum() > 1e-3
+    assert not ct.A_NN[:, first_err].any()
+    torch.testing.assert_close(ct.A_NN[:, ~first_err], old.A_NN[:, ~first_err], atol=0, rtol=0)
+    # Taking the error at position 0 out of the graph can only raise the replacement score.
+    assert ct.scores["replacement"] >= old.scores["replacement"]
+    ctx = build_local_replacement(tiny_lm, tc, window, tokens, True, True)
+    _, logits = local_forward(tiny_lm, tc, window, ctx, acts_PLF=ctx.acts_PLF)
+    torch.testing.assert_close(logits, ctx.logits_PV, atol=1e-5, rtol=0)
+    keep = attribute(tiny_lm, tc, window, tokens, target_tokens=[5], skip_first=False)
+    assert any(p == 0 for p, k in zip(keep.position, keep.kind, strict=True) if k == "feature")
+    with pytest.raises(CltEvalError, match="conventions='anthropic'"):
+        attribute(tiny_lm, tc, window, tokens, conventions="anthropic")
+
+
+def test_prune_conventions_by_hand():
+    """circuit-tracer ranks token nodes too: a token with a strong direct edge to the logit
+    takes most of the node threshold's share, so the weaker feature f1 is cut; ranking only
+    features and errors (clt-eval's earlier convention) keeps it."""
+    kinds = ["feature", "feature", "embedding", "embedding", "embedding", "logit"]
+    A = torch.zeros(6, 6)
+    A[0, 2], A[1, 3] = 1.0, 1.0  # t0 -> f0, t1 -> f1
+    A[5, 0], A[5, 1], A[5, 4] = 3.0, 2.0, 15.0  # f0, f1, t2 -> logit
+    w = torch.tensor([0, 0, 0, 0, 0, 1.0])
+    # Influence: t2 .75, f0 = t0 .15, f1 = t1 .10. All nodes: .75 + .15 reaches 0.8 of 1.25
+    # only with t0 (cumulative .6, .72, .84), so the cut-off is .15; features only: 0.8 of .25
+    # needs both features.
+    ct, _, inf = G.prune(A, w, kinds, 0.8, 1.0)
+    torch.testing.assert_close(inf, torch.tensor([0.15, 0.10, 0.15, 0.10, 0.75, 0.0]))
+    assert ct.tolist() == [True, False, True, True, True, True]
+    old, _, _ = G.prune(A, w, kinds, 0.8, 1.0, conventions="clt-eval")
+    assert old.tolist() == [True] * 6
+
+
+# ---- the Python API: Graph and attribute(transcoder, model, prompt) -----------------------
+def test_graph_api(tiny_lm, tmp_path, capsys):
+    from clt_eval.formats.native import save_native
+
+    tc, window = _tc("clt", (1, 2)), LayerWindow((1, 2))
+    g = G.attribute(tc, tiny_lm, "To be or not", window=window, max_logits=3, progress=True)
+    assert isinstance(g, G.Graph) and g.meta["prompt"] == "To be or not"
+    assert "attribution" in capsys.readouterr().err  # the progress bar, on stderr
+    assert g.adjacency is g.A_NN and len(g.nodes) == g.n_nodes
+    assert {"id", "kind", "layer", "feature", "activation"} <= set(g.nodes[0])
+    small = g.prune(0.5, 0.9)
+    assert isinstance(small, G.Graph) and 0 < small.n_nodes < g.n_nodes
+    assert small.scores["n_nodes_pruned"] == small.n_nodes and "pruned_replacement" in small.scores
+    back = G.from_json(json.loads(json.dumps(small.to_json())))
+    assert [back.node_id(i) for i in range(back.n_nodes)] == \
+        [small.node_id(i) for i in range(small.n_nodes)]
+    # A path (any format load_any reads) and a model object give the same graph.
+    path = save_native(tc, window, tmp_path / "tc")
+    again = G.attribute(str(path), tiny_lm, g.prompt_tokens, max_logits=3)
+    torch.testing.assert_close(again.A_NN, g.A_NN, atol=0, rtol=0)
+    assert again.meta["transcoder_path"] == str(path)
+
+
+def test_many_prompts_resume(tmp_path):
+    """One graph per prompt; a rerun keeps the finished ones (not recomputed, not rewritten)
+    and computes only the new or edited prompts."""
+    from clt_eval.formats.native import save_native
+    from clt_eval.training.graph_plot import make_graphs, prompt_folder, read_prompts
+
+    good = save_native(_tc("clt", (1, 2)), LayerWindow((1, 2)), tmp_path / "tc")
+    (tmp_path / "prompts.txt").write_text("To be\n\nor not\n")
+    prompts = read_prompts(tmp_path / "prompts.txt")
+    assert prompts == ["To be", "or not"]
+    out = tmp_path / "graphs"
+    first = make_graphs(good, "tiny", prompts, out, max_logits=2)
+    assert (first["computed"], first["kept"]) == (2, 0)
+    done = out / prompt_folder(0, "To be") / "graph.json"
+    stamp, text = done.stat().st_mtime_ns, done.read_text()
+    again = make_graphs(good, "tiny", [*prompts, "again"], out, max_logits=2)
+    assert (again["computed"], again["kept"]) == (1, 2)
+    assert done.stat().st_mtime_ns == stamp and done.read_text() == text
+    index = json.loads((out / "graphs.json").read_text())["graphs"]
+    assert [e["resumed"] for e in index] == [True, True, False]
+    assert sorted(p.name for p in (out / index[2]["folder"]).iterdir()) == \
+        ["graph.json", "graph.png", "graph.viewer.json"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+    with pytest.raises(CltEvalError, match="no prompts"):
+        (tmp_path / "empty.txt").write_text("\n")
+        read_prompts(tmp_path / "empty.txt")

@@ -4,6 +4,7 @@ sae_lens is imported inside the tests that need it (~10 s, once per session)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -23,6 +24,8 @@ from clt_eval.transcoder import Transcoder
 
 L, D, F = 3, 8, 6
 WINDOW = LayerWindow((1, 3, 5), model_name="toy-model")
+FULL = LayerWindow((0, 1, 2))  # model layers 0..2 with the default hooks, said explicitly
+M = 7  # the model WINDOW sits in
 
 
 @torch.no_grad()
@@ -81,7 +84,7 @@ CT_CASES = [
 def test_circuit_tracer_round_trip(tmp_path, kw):
     tc = perturbed(**kw)
     src = save_native(tc, WINDOW, tmp_path / "src")
-    ct_dir = convert(src, tmp_path / "ct", "circuit-tracer")
+    ct_dir = convert(src, tmp_path / "ct", "circuit-tracer", n_model_layers=M)
     assert detect_format(ct_dir) == f"circuit-tracer-{kw['arch']}"
     back_dir = convert(ct_dir, tmp_path / "back", "clt-eval")
     back, window = load_any(back_dir)
@@ -97,11 +100,12 @@ def test_circuit_tracer_round_trip(tmp_path, kw):
 
 
 def test_circuit_tracer_clt_layout(tmp_path):
-    out = save_as(perturbed(activation="jumprelu"), WINDOW, tmp_path / "ct", "circuit-tracer")
+    out = save_as(perturbed(activation="jumprelu"), dataclasses.replace(WINDOW, layers=(0, 1, 2)),
+                  tmp_path / "ct", "circuit-tracer", scan="my-scan")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config == {"model_kind": "cross_layer_transcoder", "model_name": "toy-model",
-                      "feature_input_hook": "ln2.hook_normalized",
-                      "feature_output_hook": "hook_mlp_out", "clt_eval_layers": [1, 3, 5]}
+                      "scan": "my-scan", "feature_input_hook": "ln2.hook_normalized",
+                      "feature_output_hook": "hook_mlp_out", "clt_eval_layers": [0, 1, 2]}
     for i in range(L):
         enc = safetensors.torch.load_file(str(out / f"W_enc_{i}.safetensors"))
         assert {k: list(v.shape) for k, v in enc.items()} == {
@@ -111,10 +115,12 @@ def test_circuit_tracer_clt_layout(tmp_path):
 
 
 def test_circuit_tracer_plt_layout(tmp_path):
-    out = save_as(perturbed(arch="plt", activation="jumprelu", skip=True), None,
+    out = save_as(perturbed(arch="plt", activation="jumprelu", skip=True), FULL,
                   tmp_path / "ct", "circuit-tracer")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model_kind"] == "transcoder_set" and config["clt_eval_layers"] == [0, 1, 2]
+    assert config["transcoders"] == [f"layer_{i}.safetensors" for i in range(L)]
+    assert config["scan"] == "model/clt-eval-plt"
     t = safetensors.torch.load_file(str(out / "layer_1.safetensors"))
     assert {k: list(v.shape) for k, v in t.items()} == {
         "W_enc": [F, D], "W_dec": [F, D], "b_enc": [F], "b_dec": [D],
@@ -166,7 +172,7 @@ def test_reads_foreign_circuit_tracer_clt(tmp_path, theta):
 def test_circuit_tracer_set_listed_in_config(tmp_path):
     """A transcoder set whose config.yaml lists its files (as GemmaScope's does)."""
     tc = perturbed(arch="plt")
-    out = save_as(tc, None, tmp_path / "ct", "circuit-tracer")
+    out = save_as(tc, FULL, tmp_path / "ct", "circuit-tracer")
     for i in range(L):
         (out / f"layer_{i}.safetensors").rename(out / f"tc{i}.safetensors")
     edit_yaml(out / "config.yaml",
@@ -277,8 +283,8 @@ def test_native_keeps_window(tmp_path):
 
 def test_convert_replaces_an_earlier_conversion(tmp_path):
     src = save_native(perturbed(), WINDOW, tmp_path / "src")
-    convert(src, tmp_path / "out", "circuit-tracer")
-    convert(save_native(perturbed(arch="plt"), None, tmp_path / "src2"), tmp_path / "out",
+    convert(src, tmp_path / "out", "circuit-tracer", n_model_layers=M)
+    convert(save_native(perturbed(arch="plt"), FULL, tmp_path / "src2"), tmp_path / "out",
             "circuit-tracer")
     assert detect_format(tmp_path / "out") == "circuit-tracer-plt"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
@@ -286,7 +292,7 @@ def test_convert_replaces_an_earlier_conversion(tmp_path):
 
 # ---- bad input: one line naming the file/tensor, nothing written ---------------------------
 def ct_clt(tmp_path, **kw):
-    return save_as(perturbed(**kw), None, tmp_path / "src", "circuit-tracer")
+    return save_as(perturbed(**kw), FULL, tmp_path / "src", "circuit-tracer")
 
 
 def edit_tensors(path, fn):
@@ -352,7 +358,7 @@ BAD_PLT = [
      f"layer_1.safetensors: tensor 'W_enc' has shape [{F - 1}, {D}], expected [{F}, {D}] "
      f"(F={F}, D={D} from layer_0.safetensors)"),
     (lambda d: (d / "layer_1.safetensors").unlink(),
-     "layer_1.safetensors: missing; found layer_* for layers [0, 2], expected 0..2"),
+     "layer_1.safetensors: missing; expected a safetensors file"),
     (lambda d: edit_tensors(d / "layer_2.safetensors",
                             lambda t: t.update(**{"activation_function.threshold": -t[
                                 "activation_function.threshold"]})),
@@ -421,10 +427,10 @@ def test_exports_a_format_cannot_hold(tmp_path):
     src = save_native(perturbed(arch="clt"), None, tmp_path / "src")
     fails(lambda: convert(src, tmp_path / "dst", "sae-lens"),
           "arch='clt': sae_lens has no cross-layer transcoder class")
-    skip_clt = save_native(perturbed(arch="clt", skip=True), None, tmp_path / "skip")
+    skip_clt = save_native(perturbed(arch="clt", skip=True), FULL, tmp_path / "skip")
     fails(lambda: convert(skip_clt, tmp_path / "dst", "circuit-tracer"),
           "circuit-tracer's CLT layout has no skip connection")
-    topk = save_native(perturbed(arch="plt", activation="topk", k=2), None, tmp_path / "topk")
+    topk = save_native(perturbed(arch="plt", activation="topk", k=2), FULL, tmp_path / "topk")
     fails(lambda: convert(topk, tmp_path / "dst", "sae-lens"), "activation='topk'")
     fails(lambda: convert(topk, tmp_path / "dst", "circuit-tracer"), "topk_mode='joint'")
     odd = LayerWindow((0, 1, 2), input_hook="layers.{layer}.in")
@@ -462,3 +468,111 @@ def test_bad_source_and_destination(tmp_path):
     assert not (tmp_path / "dst2").exists()
     fails(lambda: save_as(Transcoder([perturbed().cfg] * 2), None, tmp_path / "e", "clt-eval"),
           "expected a single run")
+
+
+# ---- circuit-tracer exchange: padding, hooks, config keys, paths ---------------------------
+def test_windowed_clt_is_padded_to_every_model_layer(tmp_path):
+    """circuit-tracer numbers files by model layer: layers 2..4 of a 6-layer model are written
+    as files 0..5, the others all zeros; circuit-tracer's reading (all 6 layers) reproduces
+    the transcoder at its layers and writes nothing elsewhere; clt-eval reads the window back."""
+    tc, window = perturbed(activation="jumprelu"), LayerWindow((2, 3, 4), model_name="m")
+    fails(lambda: save_as(tc, window, tmp_path / "no", "circuit-tracer"),
+          "window layers [2, 3, 4]", "n_model_layers")
+    fails(lambda: save_as(tc, window, tmp_path / "no", "circuit-tracer", n_model_layers=4),
+          "n_model_layers=4")
+    out = save_as(tc, window, tmp_path / "ct", "circuit-tracer", n_model_layers=6)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["clt_eval_layers"] == list(range(6)) and config["clt_eval_window"] == [2, 3, 4]
+    enc0 = safetensors.torch.load_file(str(out / "W_enc_0.safetensors"))
+    assert not any(t.any() for t in enc0.values())
+    enc2 = safetensors.torch.load_file(str(out / "W_enc_2.safetensors"))
+    assert torch.equal(enc2["W_enc_2"], tc.W_enc[0, 0].detach().T)
+    dec2 = safetensors.torch.load_file(str(out / "W_dec_2.safetensors"))["W_dec_2"]
+    assert list(dec2.shape) == [F, 4, D] and not dec2[:, 3].any()
+    assert torch.equal(dec2[:, 1], tc.decoder_block(0, 1)[0].detach())
+    back, back_window = load_any(out)
+    assert back_window == window
+    assert_same(tc, back)
+    # As circuit-tracer reads it: every file, no clt-eval keys.
+    edit_yaml(out / "config.yaml", lambda c: [c.pop(k) for k in ("clt_eval_layers",
+                                                                 "clt_eval_window")])
+    full, full_window = load_any(out)
+    assert full_window.layers == tuple(range(6)) and full.cfg.n_layers == 6
+    x6 = torch.randn(32, 6, D, generator=torch.Generator().manual_seed(5))
+    y6 = full(x6).recon_RBLD[0]
+    torch.testing.assert_close(y6[:, 2:5], tc(x6[:, 2:5]).recon_RBLD[0], atol=1e-5, rtol=0)
+    assert not y6[:, [0, 1, 5]].any()
+
+
+def test_windowed_set_is_padded(tmp_path):
+    tc = perturbed(arch="plt", activation="topk", k=2, topk_mode="per_layer")
+    out = convert(save_native(tc, WINDOW, tmp_path / "src"), tmp_path / "ct", "circuit-tracer",
+                  n_model_layers=M)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["transcoders"] == [f"layer_{i}.safetensors" for i in range(M)]
+    assert config["k"] == 2 and config["clt_eval_window"] == [1, 3, 5]
+    assert not safetensors.torch.load_file(str(out / "layer_0.safetensors"))["W_dec"].any()
+    back, window = load_any(out)
+    assert window == WINDOW
+    assert_same(tc, back)
+
+
+def test_folder_without_config_reads_with_hooks(tmp_path):
+    """circuit-tracer's own to_safetensors writes no config.yaml: the hooks stand in."""
+    write_foreign_clt(tmp_path / "ct", theta=0.3)
+    with_config, _ = load_any(tmp_path / "ct")
+    (tmp_path / "ct" / "config.yaml").unlink()
+    fails(lambda: load_any(tmp_path / "ct"), "config.yaml: missing", "--feature-input-hook")
+    tc, window = load_any(tmp_path / "ct", feature_input_hook="hook_resid_mid",
+                          feature_output_hook="hook_mlp_out")
+    assert window == LayerWindow((0, 1, 2), "blocks.{layer}.hook_resid_mid",
+                                 "blocks.{layer}.hook_mlp_out")
+    assert_same(with_config, tc)
+    out = convert(tmp_path / "ct", tmp_path / "native", "clt-eval",
+                  feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out")
+    assert load_any(out)[1] == window
+    write_foreign_clt(tmp_path / "ct2")
+    fails(lambda: load_any(tmp_path / "ct2", feature_input_hook="ln2.hook_normalized",
+                           feature_output_hook="hook_mlp_out"),
+          "field 'feature_input_hook' is 'hook_resid_mid' but "
+          "feature_input_hook='ln2.hook_normalized' was given")
+
+
+def test_export_writes_the_hooks_the_transcoder_was_trained_on(tmp_path):
+    """A toy transcoder saved with its case study (the Boolean chain reads
+    blocks.{l}.hook_resid_mid): the export names that hook, not a default."""
+    from clt_eval import io
+
+    tc = perturbed(arch="plt")
+    io.save_transcoder(tc, tmp_path / "toy", extra={"case_study": "boolean_chain"})
+    assert load_any(tmp_path / "toy")[1] == LayerWindow((0, 1, 2), "blocks.{layer}.hook_resid_mid",
+                                                        "blocks.{layer}.hook_mlp_out")
+    out = convert(tmp_path / "toy", tmp_path / "ct", "circuit-tracer")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["feature_input_hook"] == "hook_resid_mid"
+    assert config["feature_output_hook"] == "hook_mlp_out"
+    # Without a window or a case study the hooks are unknown: refused, or given explicitly.
+    bare = save_native(tc, None, tmp_path / "bare")
+    fails(lambda: convert(bare, tmp_path / "ct2", "circuit-tracer"), "saved without a window")
+    out = convert(bare, tmp_path / "ct2", "circuit-tracer", feature_input_hook="hook_resid_pre",
+                  feature_output_hook="hook_mlp_out")
+    assert yaml.safe_load((out / "config.yaml").read_text())["feature_input_hook"] == \
+        "hook_resid_pre"
+
+
+@pytest.mark.parametrize("entry", ["../outside/tc0.safetensors", "ABS", "a/../../x.safetensors"])
+def test_config_paths_outside_the_folder_are_refused(tmp_path, entry):
+    tc = perturbed(arch="plt")
+    out = save_as(tc, FULL, tmp_path / "ct", "circuit-tracer")
+    (tmp_path / "outside").mkdir()
+    (out / "layer_0.safetensors").rename(tmp_path / "outside" / "tc0.safetensors")
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "outside" / "tc0.safetensors")
+                                              .read_bytes())
+    (out / "a").mkdir()
+    first = str(tmp_path / "outside" / "tc0.safetensors") if entry == "ABS" else entry
+    edit_yaml(out / "config.yaml", lambda c: c["transcoders"].__setitem__(0, first))
+    fails(lambda: load_any(out), "config.yaml: field 'transcoders' lists", "outside the folder",
+          "allow_external_paths")
+    fails(lambda: convert(out, tmp_path / "dst", "clt-eval"), "outside the folder")
+    assert not (tmp_path / "dst").exists()
+    assert_same(tc, load_any(out, allow_external_paths=True)[0])

@@ -88,13 +88,17 @@ def log_threshold(theta_F: torch.Tensor, path: Path, name: str, relu_first: bool
 def build_transcoder(cfg: TranscoderConfig, tensors: dict[str, torch.Tensor]) -> Transcoder:
     """A one-run Transcoder in eval mode holding ``tensors`` (names as in Transcoder, no run
     dim). Every tensor the config needs must be given; the shapes were checked by the reader."""
-    tc = Transcoder([cfg])
+    tc = Transcoder([cfg], init=False)
     needed = {"W_enc", "b_enc", "W_dec", "b_dec"}
     needed |= {"W_skip"} if cfg.skip else set()
     needed |= {"log_threshold"} if cfg.activation == "jumprelu" else set()
     require(set(tensors) == needed, f"internal: tensors {sorted(tensors)} != {sorted(needed)}")
     for name, t in tensors.items():
-        getattr(tc, name).copy_(t[None])
+        if name == "W_dec":  # dense [S, T, F, D] -> the per-source decoders [F, T_s, D]
+            for s, T in enumerate(tc.n_targets):
+                tc.decoder_params()[s][0] = t[s, s:s + T].permute(1, 0, 2)
+        else:
+            getattr(tc, name).copy_(t[None])
     return tc.eval()
 
 

@@ -17,8 +17,23 @@ Facts from circuit-tracer's own loaders and ``to_safetensors`` (``load_clt``,
   short name ``threshold`` is read too), optional ``W_skip`` [D_out, D_in] and, from its TopK
   writer, an optional scalar ``k``.
 
-clt-eval adds one key, ``clt_eval_layers``: the model layers of a windowed transcoder
-(circuit-tracer ignores unknown keys). Files without it cover model layers 0..L-1.
+circuit-tracer's loaders (``load_transcoders`` / ``load_transcoder_set`` / ``load_clt``) read
+``model_kind``, ``feature_input_hook``, ``feature_output_hook`` and ``scan`` (the name a graph
+records for the transcoders), a transcoder set's ``transcoders`` list (``hf://`` URIs or local
+paths; circuit-tracer resolves a relative path against its working directory, so a folder we
+write loads there as-is when uploaded with hf:// entries or read from inside it), and
+``model_name`` names the model. It numbers files by *model* layer: file i replaces model layer
+i's MLP and every model layer needs one. A windowed transcoder (model layers 10..13 of 30) is
+therefore written padded with all-zero layers, whose features never fire, so circuit-tracer's
+error node there is the whole MLP output, as clt-eval treats layers outside a window.
+
+clt-eval adds two keys circuit-tracer ignores: ``clt_eval_layers``, the model layer of each
+file (files without it cover model layers 0..L-1), and, for a padded export,
+``clt_eval_window``, the layers that hold the transcoder, which clt-eval keeps on reading.
+Folders circuit-tracer's own ``to_safetensors`` wrote have no config.yaml; they load when the
+two hooks are given. A ``transcoders`` entry that is absolute or climbs out of the folder with
+``..`` is refused unless ``allow_external_paths`` (a config file must not make clt-eval read
+arbitrary files).
 
 circuit-tracer's TopK keeps the k largest raw pre-activations; clt-eval's keeps the k largest
 after ReLU. They differ only where fewer than k pre-activations of a layer are positive.
@@ -26,6 +41,8 @@ after ReLU. They differ only where fewer than k pre-activations of a layer are p
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -42,29 +59,59 @@ from clt_eval.transcoder import Transcoder
 CONFIG_FILE = "config.yaml"
 MODEL_KINDS = {"cross_layer_transcoder": "clt", "transcoder_set": "plt"}
 LAYERS_KEY = "clt_eval_layers"
+WINDOW_KEY = "clt_eval_window"
+HOOK_KEYS = ("feature_input_hook", "feature_output_hook")
 THRESHOLD = "activation_function.threshold"  # what circuit-tracer's SingleLayerTranscoder saves
 BLOCK = "blocks.{layer}."
 
 
 # ---- config.yaml -------------------------------------------------------------------------
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, hooks: tuple[str | None, str | None] = (None, None)) -> dict:
+    """config.yaml, checked. ``hooks`` (feature_input_hook, feature_output_hook) fill fields the
+    file lacks; without a config.yaml they and the file names (W_enc_* or layer_*) make one."""
     path = folder / CONFIG_FILE
-    require(path.is_file(), f"{path}: missing; a circuit-tracer folder needs it to name "
-            "model_kind, feature_input_hook and feature_output_hook")
+    if not path.is_file() and all(hooks):
+        data = {"model_kind": _kind_from_files(folder)}
+    else:
+        require(path.is_file(), f"{path}: missing; a circuit-tracer folder needs it to name "
+                "model_kind, feature_input_hook and feature_output_hook (or give both hooks: "
+                "feature_input_hook / feature_output_hook)")
+        data = _read_yaml(path)
+    for key, given in zip(HOOK_KEYS, hooks, strict=True):
+        if given is None:
+            continue
+        have = data.get(key)
+        same = have is None or (isinstance(have, str) and _template(have, path, key)
+                                == _template(given, path, key))
+        require(same, f"{path}: field {key!r} is {have!r} but {key}={given!r} was given; "
+                "expected them to agree")
+        data[key] = given
+    kind = data.get("model_kind")
+    require(kind in MODEL_KINDS, f"{path}: field 'model_kind' is {kind!r}, expected one of "
+            f"{sorted(MODEL_KINDS)}")
+    for key in HOOK_KEYS:
+        require(isinstance(data.get(key), str) and data[key],
+                f"{path}: field {key!r} is {data.get(key)!r}, expected a hook name such as "
+                "'hook_resid_mid' or 'hook_mlp_out'")
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, ValueError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CltEvalError(f"{path}: not valid YAML ({first})") from None
     require(isinstance(data, dict), f"{path}: expected a YAML mapping")
-    kind = data.get("model_kind")
-    require(kind in MODEL_KINDS, f"{path}: field 'model_kind' is {kind!r}, expected one of "
-            f"{sorted(MODEL_KINDS)}")
-    for key in ("feature_input_hook", "feature_output_hook"):
-        require(isinstance(data.get(key), str) and data[key],
-                f"{path}: field {key!r} is {data.get(key)!r}, expected a hook name such as "
-                "'hook_resid_mid' or 'hook_mlp_out'")
     return data
+
+
+def _kind_from_files(folder: Path) -> str:
+    if any(folder.glob("W_enc_*.safetensors")):
+        return "cross_layer_transcoder"
+    require(any(folder.glob("layer_*.safetensors")), f"{folder}: no W_enc_<layer>.safetensors "
+            "or layer_<layer>.safetensors files; expected a circuit-tracer transcoder folder")
+    return "transcoder_set"
 
 
 def _template(hook: str, path: Path, key: str) -> str:
@@ -84,11 +131,26 @@ def _relative(template: str, field: str) -> str:
     return rest
 
 
-def _window(config: dict, n_layers: int, path: Path) -> LayerWindow:
+def _stored_layers(config: dict, n_layers: int, path: Path) -> list[int]:
     layers = config.get(LAYERS_KEY, list(range(n_layers)))
     require(isinstance(layers, list) and len(layers) == n_layers,
             f"{path}: field {LAYERS_KEY!r} is {layers!r}, expected a list of {n_layers} model "
             "layers (one per transcoder layer)")
+    return layers
+
+
+def _kept(config: dict, stored: list[int], path: Path) -> list[int]:
+    """Indices of the stored layers that hold the transcoder (all but a padded export's zeros)."""
+    window = config.get(WINDOW_KEY)
+    if window is None:
+        return list(range(len(stored)))
+    require(isinstance(window, list) and window and all(w in stored for w in window),
+            f"{path}: field {WINDOW_KEY!r} is {window!r}, expected a non-empty list of layers "
+            f"among {LAYERS_KEY} {stored}")
+    return [stored.index(w) for w in window]
+
+
+def _window(config: dict, layers: list[int], path: Path) -> LayerWindow:
     name = config.get("model_name")
     try:
         return LayerWindow(tuple(layers),
@@ -127,19 +189,40 @@ def _layer_files(folder: Path, prefix: str, n: int | None = None) -> list[Path]:
     return [found[i] for i in range(n)]
 
 
-def load_circuit_tracer(path: str | Path) -> tuple[Transcoder, LayerWindow]:
-    """Read a circuit-tracer CLT or transcoder-set folder into a one-run Transcoder."""
+def load_circuit_tracer(path: str | Path, *, feature_input_hook: str | None = None,
+                        feature_output_hook: str | None = None,
+                        allow_external_paths: bool = False,
+                        files: list[Path] | None = None) -> tuple[Transcoder, LayerWindow]:
+    """Read a circuit-tracer CLT or transcoder-set folder into a one-run Transcoder.
+
+    The hooks fill in (or must agree with) config.yaml's; with both, a folder without a
+    config.yaml loads too. ``files``: a transcoder set's layer files already resolved (by the
+    hub loader), used instead of config.yaml's ``transcoders`` list."""
     folder = Path(path)
     require(folder.is_dir(), f"{folder}: missing; expected a circuit-tracer transcoder folder")
-    config = read_config(folder)
+    config = read_config(folder, (feature_input_hook, feature_output_hook))
     if MODEL_KINDS[config["model_kind"]] == "clt":
-        tc = _load_clt(folder)
+        arch, tensors = _load_clt(folder)
     else:
-        tc = _load_set(folder, config)
-    return tc, _window(config, tc.cfg.n_layers, folder / CONFIG_FILE)
+        files = files or _set_files(folder, config, allow_external_paths)
+        arch, tensors = _load_set(folder, config, files)
+    where = folder / CONFIG_FILE
+    stored = _stored_layers(config, tensors["W_enc"].shape[0], where)
+    keep = _kept(config, stored, where)
+    cfg = dataclasses.replace(arch, n_layers=len(keep))
+    tc = C.build_transcoder(cfg, _select_layers(tensors, keep))
+    return tc, _window(config, [stored[i] for i in keep], where)
 
 
-def _load_clt(folder: Path) -> Transcoder:
+def _select_layers(tensors: dict[str, torch.Tensor], keep: list[int]) -> dict:
+    """The transcoder restricted to layers ``keep`` (W_dec [S, T, F, D] on both axes)."""
+    idx = torch.tensor(keep)
+    out = {name: t[idx] for name, t in tensors.items() if name != "W_dec"}
+    out["W_dec"] = tensors["W_dec"][idx][:, idx]
+    return out
+
+
+def _load_clt(folder: Path) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
     enc_files = _layer_files(folder, "W_enc_")
     L = len(enc_files)
     dec_files = _layer_files(folder, "W_dec_", L)
@@ -167,7 +250,7 @@ def _load_clt(folder: Path) -> Transcoder:
                "b_dec": torch.stack(b_dec)}
     if jump:
         tensors["log_threshold"] = torch.stack(thr)
-    return C.build_transcoder(cfg, tensors)
+    return cfg, tensors
 
 
 def _config(D: int, L: int, F: int, arch: str, activation: str, folder: Path,
@@ -181,7 +264,7 @@ def _config(D: int, L: int, F: int, arch: str, activation: str, folder: Path,
         raise CltEvalError(f"{folder}: {exc}") from None
 
 
-def _set_files(folder: Path, config: dict) -> list[Path]:
+def _set_files(folder: Path, config: dict, allow_external_paths: bool = False) -> list[Path]:
     listed = config.get("transcoders")
     if listed is None:
         return _layer_files(folder, "layer_")
@@ -192,7 +275,19 @@ def _set_files(folder: Path, config: dict) -> list[Path]:
     if remote:
         raise CltEvalError(f"{where}: field 'transcoders' lists {remote[0]!r}; expected local "
                            ".safetensors files (download remote or .npz transcoders first)")
+    outside = [p for p in listed if leaves_folder(p)]
+    if outside and not allow_external_paths:
+        raise CltEvalError(f"{where}: field 'transcoders' lists {outside[0]!r}, outside the "
+                           "folder; expected paths inside it (pass allow_external_paths=True / "
+                           "--allow-external-paths if you trust this file)")
     return [folder / p for p in listed]  # an absolute p stays absolute
+
+
+def leaves_folder(entry: str) -> bool:
+    """Whether a path named in a config file is absolute or climbs out of its folder (read
+    as written: ``a/../../b`` climbs out even if ``a`` is a link)."""
+    norm = os.path.normpath(entry)
+    return os.path.isabs(entry) or norm == ".." or norm.startswith(".." + os.sep)
 
 
 def _set_activation(config: dict, where: Path) -> tuple[str | None, int | None]:
@@ -208,8 +303,8 @@ def _set_activation(config: dict, where: Path) -> tuple[str | None, int | None]:
     return (None if act in ("jumprelu", "jump_relu") else act), k
 
 
-def _load_set(folder: Path, config: dict) -> Transcoder:
-    files = _set_files(folder, config)
+def _load_set(folder: Path, config: dict, files: list[Path]
+              ) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
     act, k = _set_activation(config, folder / CONFIG_FILE)
     L, first = len(files), C.read_safetensors(files[0])
     F, D = C.feature_dims(first, files[0], "W_enc")
@@ -233,7 +328,7 @@ def _load_set(folder: Path, config: dict) -> Transcoder:
     tensors = {name: torch.stack([d[name] for d in layers]) for name in layers[0]}
     W_dec = torch.zeros(L, L, F, D)
     W_dec[torch.arange(L), torch.arange(L)] = tensors.pop("W_dec_FD")
-    return C.build_transcoder(cfg, tensors | {"W_dec": W_dec})
+    return cfg, tensors | {"W_dec": W_dec}
 
 
 def _set_layer(t: dict, p: Path, F: int, D: int, thr_name: str | None, dims: str) -> dict:
@@ -258,41 +353,90 @@ def _check_k(t: torch.Tensor, k: int | None, path: Path) -> int:
 
 
 # ---- writing -----------------------------------------------------------------------------
-def circuit_tracer_files(tc: Transcoder, window: LayerWindow | None
+def window_from_hooks(n_layers: int, feature_input_hook: str, feature_output_hook: str,
+                      model_name: str | None = None) -> LayerWindow:
+    """Model layers 0..L-1 with the given hooks (block-relative or 'blocks.{layer}.' templates)."""
+    where = Path("hooks")
+    return LayerWindow(tuple(range(n_layers)),
+                       _template(feature_input_hook, where, "feature_input_hook"),
+                       _template(feature_output_hook, where, "feature_output_hook"), model_name)
+
+
+def _model_layers(window: LayerWindow, n_model_layers: int | None) -> list[int]:
+    """The model layers the files cover: the window itself when it is 0..L-1, else 0..M-1."""
+    if n_model_layers is None:
+        require(list(window.layers) == list(range(window.n_layers)),
+                f"window layers {list(window.layers)}: circuit-tracer needs a transcoder for "
+                "every model layer from 0; expected n_model_layers (--n-model-layers), the "
+                "model's layer count, to pad the others with zeros")
+        return list(window.layers)
+    M = n_model_layers
+    require(isinstance(M, int) and not isinstance(M, bool) and M > max(window.layers),
+            f"n_model_layers={M!r}: expected an integer above the window's last layer "
+            f"{max(window.layers)}")
+    return list(range(M))
+
+
+def circuit_tracer_files(tc: Transcoder, window: LayerWindow | None,
+                         n_model_layers: int | None = None, scan: str | None = None
                          ) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(config.yaml contents, {file name: tensors}) for ``tc``: the CLT layout unless ``tc``
-    is per-layer (its decoder mask is the identity). Checks everything; writes nothing."""
+    is per-layer (its decoder mask is the identity), one file per model layer (module
+    docstring: a window is padded with zero layers). Checks everything; writes nothing."""
     C.single_run(tc, "circuit-tracer export")
+    require(window is not None, "circuit-tracer export: the transcoder was saved without a "
+            "window, so the hooks it was trained on are unknown; expected feature_input_hook "
+            "and feature_output_hook (--feature-input-hook / --feature-output-hook)")
     window = C.default_window(tc, window)
-    config = {"model_kind": "transcoder_set" if C.is_per_layer(tc) else "cross_layer_transcoder"}
+    model_layers = _model_layers(window, n_model_layers)
+    plt = C.is_per_layer(tc)
+    config = {"model_kind": "transcoder_set" if plt else "cross_layer_transcoder"}
     if window.model_name:
         config["model_name"] = window.model_name
+    config["scan"] = scan or f"{window.model_name or 'model'}/clt-eval-{'plt' if plt else 'clt'}"
     config["feature_input_hook"] = _relative(window.input_hook, "input_hook")
     config["feature_output_hook"] = _relative(window.output_hook, "output_hook")
-    config[LAYERS_KEY] = list(window.layers)
-    if config["model_kind"] == "transcoder_set":
-        return config, _set_tensors(tc, config)
-    return config, _clt_tensors(tc)
+    index = {m: ell for ell, m in enumerate(window.layers)}
+    if plt:
+        files = _set_tensors(tc, config, model_layers, index)
+        config["transcoders"] = list(files)
+    else:
+        files = _clt_tensors(tc, model_layers, index)
+    config[LAYERS_KEY] = model_layers
+    if len(model_layers) != window.n_layers:
+        config[WINDOW_KEY] = list(window.layers)
+    return config, files
 
 
-def _clt_tensors(tc: Transcoder) -> dict[str, dict[str, torch.Tensor]]:
+def _clt_tensors(tc: Transcoder, model_layers: list[int], index: dict[int, int]
+                 ) -> dict[str, dict[str, torch.Tensor]]:
+    """W_enc_i / W_dec_i per model layer i; layers outside the window are zeros (their
+    features never fire: pre-activation 0, threshold 0)."""
     cfg = tc.cfg
     require(not cfg.skip, "skip=True: circuit-tracer's CLT layout has no skip connection; "
             "expected a transcoder without W_skip (or a per-layer one)")
     theta = C.inference_threshold_LF(tc, "circuit-tracer's CLT layout")
-    W_dec = tc.masked_W_dec()[0]
+    F, D, M = cfg.n_features, cfg.d_model, len(model_layers)
     files = {}
-    for i in range(cfg.n_layers):
-        enc = {f"W_enc_{i}": C.cpu32(tc.W_enc[0, i].T), f"b_enc_{i}": C.cpu32(tc.b_enc[0, i]),
-               f"b_dec_{i}": C.cpu32(tc.b_dec[0, i])}
+    for i, m in enumerate(model_layers):
+        s = index.get(m)
+        enc = {f"W_enc_{i}": torch.zeros(F, D), f"b_enc_{i}": torch.zeros(F),
+               f"b_dec_{i}": torch.zeros(D)}
+        dec = torch.zeros(F, M - i, D)
+        if s is not None:
+            enc = {f"W_enc_{i}": C.cpu32(tc.W_enc[0, s].T), f"b_enc_{i}": C.cpu32(tc.b_enc[0, s]),
+                   f"b_dec_{i}": C.cpu32(tc.b_dec[0, s])}
+            for t in range(s, cfg.n_layers):
+                dec[:, model_layers.index(list(index)[t]) - i] = C.cpu32(tc.decoder_block(s, t)[0])
         if theta is not None:
-            enc[f"threshold_{i}"] = C.cpu32(theta[i])
+            enc[f"threshold_{i}"] = C.cpu32(theta[s]) if s is not None else torch.zeros(F)
         files[f"W_enc_{i}.safetensors"] = enc
-        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": C.cpu32(W_dec[i, i:].permute(1, 0, 2))}
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": dec.contiguous()}
     return files
 
 
-def _set_tensors(tc: Transcoder, config: dict) -> dict[str, dict[str, torch.Tensor]]:
+def _set_tensors(tc: Transcoder, config: dict, model_layers: list[int], index: dict[int, int]
+                 ) -> dict[str, dict[str, torch.Tensor]]:
     cfg = tc.cfg
     theta = None
     if cfg.activation == "topk":
@@ -303,14 +447,22 @@ def _set_tensors(tc: Transcoder, config: dict) -> dict[str, dict[str, torch.Tens
         config.update(activation="topk", k=int(tc.k_R[0]))
     else:
         theta = C.inference_threshold_LF(tc, "circuit-tracer")
+    F, D = cfg.n_features, cfg.d_model
     files = {}
-    for i in range(cfg.n_layers):
-        t = {"W_enc": C.cpu32(tc.W_enc[0, i].T), "W_dec": C.cpu32(tc.W_dec[0, i, i]),
-             "b_enc": C.cpu32(tc.b_enc[0, i]), "b_dec": C.cpu32(tc.b_dec[0, i])}
-        if theta is not None:
-            t[THRESHOLD] = C.cpu32(theta[i])
-        if cfg.skip:
-            t["W_skip"] = C.cpu32(tc.W_skip[0, i].T)
+    for i, m in enumerate(model_layers):
+        s = index.get(m)
+        if s is None:  # padding: a transcoder that writes nothing
+            t = {"W_enc": torch.zeros(F, D), "W_dec": torch.zeros(F, D),
+                 "b_enc": torch.zeros(F), "b_dec": torch.zeros(D)}
+            t |= {THRESHOLD: torch.zeros(F)} if theta is not None else {}
+            t |= {"W_skip": torch.zeros(D, D)} if cfg.skip else {}
+        else:
+            t = {"W_enc": C.cpu32(tc.W_enc[0, s].T), "W_dec": C.cpu32(tc.decoder_block(s, s)[0]),
+                 "b_enc": C.cpu32(tc.b_enc[0, s]), "b_dec": C.cpu32(tc.b_dec[0, s])}
+            if theta is not None:
+                t[THRESHOLD] = C.cpu32(theta[s])
+            if cfg.skip:
+                t["W_skip"] = C.cpu32(tc.W_skip[0, s].T)
         files[f"layer_{i}.safetensors"] = t
     return files
 

@@ -22,8 +22,9 @@ def _native_format(path: Path) -> tuple[bool, str]:
     return fmt == "clt-eval", f"{path}: field 'format' is {fmt!r}, expected 'clt-eval'"
 
 
-def detect_format(path: str | Path) -> str:
-    """One of DETECTED, or a one-line CltEvalError naming what the folder lacks."""
+def detect_format(path: str | Path, hooks_given: bool = False) -> str:
+    """One of DETECTED, or a one-line CltEvalError naming what the folder lacks.
+    ``hooks_given``: circuit-tracer files without config.yaml count (the hooks stand in)."""
     path = Path(path)
     require(path.exists(), f"{path}: missing; expected a transcoder folder")
     require(path.is_dir(), f"{path}: not a folder; expected a transcoder folder")
@@ -37,9 +38,18 @@ def detect_format(path: str | Path) -> str:
         return f"circuit-tracer-{kind}"
     if sae_lens_folders(path) is not None:
         return "sae-lens"
-    if any(path.glob("W_enc_*.safetensors")) or any(path.glob("layer_*.safetensors")):
+    if any(path.glob("W_enc_*.safetensors")):
+        ct_kind = "clt"
+    elif any(path.glob("layer_*.safetensors")):
+        ct_kind = "plt"
+    else:
+        ct_kind = None
+    if ct_kind and hooks_given:
+        return f"circuit-tracer-{ct_kind}"
+    if ct_kind:
         raise CltEvalError(f"{path / ct.CONFIG_FILE}: missing; a circuit-tracer folder needs it "
-                           "to name model_kind, feature_input_hook and feature_output_hook")
+                           "to name model_kind, feature_input_hook and feature_output_hook "
+                           "(or give both hooks: --feature-input-hook/--feature-output-hook)")
     if why:
         raise CltEvalError(f"{why}; not a transcoder folder in a known format")
     found = sorted(p.name for p in path.iterdir())[:5]

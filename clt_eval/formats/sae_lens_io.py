@@ -159,7 +159,7 @@ def sae_lens_parts(tc: Transcoder, window: LayerWindow | None) -> list[tuple[str
     parts = []
     for i in range(tc.cfg.n_layers):
         state = {"W_enc": C.cpu32(tc.W_enc[0, i]), "b_enc": C.cpu32(tc.b_enc[0, i]),
-                 "W_dec": C.cpu32(tc.W_dec[0, i, i]), "b_dec": C.cpu32(tc.b_dec[0, i])}
+                 "W_dec": C.cpu32(tc.decoder_block(i, i)[0]), "b_dec": C.cpu32(tc.b_dec[0, i])}
         if theta is not None:
             state["threshold"] = C.cpu32(theta[i])
         if skip:

@@ -23,6 +23,15 @@ skip connections count. Then
 Several targets share one backward pass: the prompt is stacked ``batch_size`` times along the
 batch dimension, row b carrying target b, and one forward pass is reused for every batch.
 
+Conventions (``conventions=``, docs/circuit_tracer.md). ``"circuit-tracer"`` (the default)
+does what circuit-tracer does at position 0 (BOS, the attention sink, whose activations are
+outliers): its features are off *and* its error nodes carry no edges — the MLP outputs there
+become constants, like biases, that no node accounts for (the local replacement model still
+reproduces the model: only the attribution changes). ``"clt-eval"`` is this project's earlier
+choice: with ``skip_first`` the features at position 0 are off and its whole MLP outputs are
+error nodes, so they count against the replacement and completeness scores; without it
+position 0 is treated like any other.
+
 Scores (``clt_eval.lm.graph``): ``replacement`` and ``completeness`` count every error node,
 those of out-of-window MLPs included; ``window_replacement`` and ``window_completeness``
 count those MLPs as given inputs, like the embeddings, so only the transcoder's own error
@@ -32,17 +41,30 @@ lowers them. The two agree when the window covers the whole model.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from clt_eval.errors import require
+from clt_eval.errors import check_choice, require
 from clt_eval.lm.graph import AttributionGraph, graph_scores
 from clt_eval.lm.splice import activate_layer, check_compatible, encode_layer, is_joint_topk
 from clt_eval.lm.window import LayerWindow
 from clt_eval.transcoder import Transcoder
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"  # token (+ position) embedding: the input nodes
+CONVENTIONS = ("circuit-tracer", "clt-eval")
+
+
+def first_position(conventions: str, skip_first: bool | None) -> tuple[bool, bool]:
+    """(features off at position 0, error nodes at position 0 without edges) for
+    ``conventions`` (module docstring); ``skip_first`` None takes the convention's default,
+    False keeps position 0 like any other under either."""
+    check_choice("conventions", conventions, CONVENTIONS)
+    if conventions == "circuit-tracer":
+        off = True if skip_first is None else bool(skip_first)
+        return off, off
+    return bool(skip_first), False
 
 
 @dataclass
@@ -59,17 +81,21 @@ class LocalReplacement:
     error_MPD: torch.Tensor  # y − ŷ at window layers, y outside the window
     logits_PV: torch.Tensor
     out_hooks: tuple[str, ...]  # every model layer's MLP-output hook
-    skip_first: bool = False  # position 0's features are off: its MLP outputs are all error
+    skip_first: bool = False  # position 0's features are off (its MLP outputs: error_MPD)
+    zero_first_errors: bool = False  # position 0's error nodes carry no edges (circuit-tracer)
 
 
 @torch.no_grad()
 def build_local_replacement(model, tc: Transcoder, window: LayerWindow,
-                            tokens_P: torch.Tensor, skip_first: bool = False) -> LocalReplacement:
+                            tokens_P: torch.Tensor, skip_first: bool = False,
+                            zero_first_errors: bool = False) -> LocalReplacement:
     """Run the prompt once and freeze what the local replacement model holds constant.
 
-    ``skip_first``: no features at position 0, whose MLP outputs become error nodes entire
-    (as circuit-tracer zeroes BOS): transcoders trained here never see that position, the
-    attention sink, whose activations are outliers (``clt_eval.lm.activations``).
+    ``skip_first``: no features at position 0, so ``error_MPD`` there holds its MLP outputs
+    entire (transcoders trained here never see that position, the attention sink, whose
+    activations are outliers: ``clt_eval.lm.activations``). ``zero_first_errors``: those error
+    nodes carry no edges either (circuit-tracer's convention); ``error_MPD`` still holds them,
+    so the local replacement model still reproduces the model.
     """
     check_compatible(tc, window, model)
     require(tc.n_runs == 1, f"attribution: expected one transcoder run, got {tc.n_runs}; "
@@ -103,7 +129,7 @@ def build_local_replacement(model, tc: Transcoder, window: LayerWindow,
         error[m] = y[m] - recon[0, :, ell]
     return LocalReplacement(tokens_P, {n: cache[n].detach() for n in frozen_names},
                             cache[EMBED_HOOK][0], y, x, out.pre_RBLF[0], acts[0], error,
-                            logits[0], out_hooks, skip_first)
+                            logits[0], out_hooks, skip_first, zero_first_errors)
 
 
 def _frozen_hooks(ctx: LocalReplacement, batch: int) -> list:
@@ -278,6 +304,8 @@ def _edge_rows(src: _Sources, ctx: LocalReplacement, window: LayerWindow, g_emb_
         rows[:, cols] = out_PBn[pos, :, slot].T
     err_BMP = torch.stack([(g * e).sum(-1) for g, e in zip(g_mlp, ctx.error_MPD, strict=True)],
                           dim=1)
+    if ctx.zero_first_errors:  # constants without a node: no edges out of them
+        err_BMP[:, :, 0] = 0
     rows[:, nf:nf + err_BMP[0].numel()] = err_BMP.flatten(1)
     start = nf + err_BMP[0].numel()
     rows[:, start:start + P] = (g_emb_BPD * ctx.resid0_PD).sum(-1)
@@ -318,12 +346,15 @@ def logit_targets(logits_V: torch.Tensor, max_logits: int = 10, logit_prob: floa
 def attribute(model, tc: Transcoder, window: LayerWindow, tokens_P: torch.Tensor, *,
               target_tokens: list[int] | None = None, max_logits: int = 10,
               logit_prob: float = 0.95, batch_size: int = 16,
-              skip_first: bool = False) -> AttributionGraph:
+              skip_first: bool | None = None, conventions: str = "circuit-tracer",
+              progress: bool | None = None) -> AttributionGraph:
     """The attribution graph of ``tokens_P``'s next-token prediction (module docstring), with
     every active feature as a node, its replacement and completeness scores filled in.
-    ``skip_first``: see ``build_local_replacement``."""
+    ``conventions`` and ``skip_first``: position 0 (``first_position``). ``progress``: a bar
+    on stderr over the backward passes (None: only when stderr is a terminal)."""
     require(batch_size > 0, f"batch_size={batch_size!r}: expected a positive integer")
-    ctx = build_local_replacement(model, tc, window, tokens_P, skip_first)
+    off, zero_err = first_position(conventions, skip_first)
+    ctx = build_local_replacement(model, tc, window, tokens_P, off, zero_err)
     src = _Sources.build(tc, ctx.acts_PLF)
     logit_tok = logit_targets(ctx.logits_PV[-1], max_logits, logit_prob, target_tokens)
     M, (P, _) = model.cfg.n_layers, ctx.resid0_PD.shape
@@ -337,14 +368,33 @@ def attribute(model, tc: Transcoder, window: LayerWindow, tokens_P: torch.Tensor
     W_enc = tc.W_enc[0].detach()
     with _no_param_grads(model, tc):
         probed = _Probed(model, tc, window, ctx, min(batch_size, len(targets)))
-        for start in range(0, len(targets), batch_size):
+        for start in _progress(range(0, len(targets), batch_size), progress, len(targets),
+                               batch_size):
             chunk = targets[start:start + batch_size]
             value = _target_values(probed, W_enc, chunk)
             g_emb, g_mlp = probed.grads(value)
             rows = _edge_rows(src, ctx, window, g_emb, g_mlp, n)
             A[target_rows[start:start + len(chunk)]] = rows[:len(chunk)]
         del probed
-    return _assemble(model, tc, window, ctx, src, logit_tok, A)
+    g = _assemble(model, tc, window, ctx, src, logit_tok, A)
+    g.meta["conventions"] = conventions
+    return g
+
+
+def _progress(steps: range, show: bool | None, n_targets: int, batch_size: int):
+    """``steps`` wrapped in a tqdm bar on stderr (counting targets), unless not wanted."""
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return steps
+    from tqdm import tqdm
+
+    def gen():
+        with tqdm(total=n_targets, desc="attribution", unit="target", file=sys.stderr) as bar:
+            for start in steps:
+                yield start
+                bar.update(min(batch_size, n_targets - start))
+    return gen()
 
 
 def _target_values(probed: _Probed, W_enc_LDF: torch.Tensor, chunk: list) -> torch.Tensor:
@@ -388,6 +438,7 @@ def _assemble(model, tc, window, ctx, src: _Sources, logit_tok, A) -> Attributio
         prompt_tokens=tokens, prompt_strs=[_token_str(model, t) for t in tokens],
         meta={"model": getattr(model.cfg, "model_name", None), "window": window.to_dict(),
               "transcoder": tc.cfg.to_dict(), "n_model_layers": M, "skip_first": ctx.skip_first,
+              "zero_first_errors": ctx.zero_first_errors,
               "logit_strs": [_token_str(model, t) for t in logit_tok]})
     w, err = g.logit_weights(), g.mask("error")
     g.scores = graph_scores(A, w, err, g.mask("embedding"))

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from clt_eval.training import compare_interventions as CI
-from clt_eval.training.compare import PromptSpec, compare, load_prompts
 
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import CltEvalError
 from clt_eval.lm import graph as G
 from clt_eval.lm import graph_metrics as GM
 from clt_eval.lm.window import LayerWindow
+from clt_eval.training import compare_interventions as CI
+from clt_eval.training.compare import PromptSpec, compare, load_prompts
 from clt_eval.transcoder import Transcoder
 
 
@@ -22,7 +22,8 @@ def _tc(arch, n_layers, seed=0) -> Transcoder:
     tc = Transcoder([cfg], seeds=[seed])
     with torch.no_grad():  # sparse-ish features whose decoders matter downstream
         tc.b_enc.fill_(-0.2)
-        tc.W_dec.mul_(30)
+        for W in tc.decoder_params():
+            W.mul_(30)
     return tc.eval()
 
 
@@ -195,7 +196,8 @@ def test_frozen_intervention_removes_only_what_features_write(tiny_lm, tokens):
     while the real model moves; and the cases list every (layer, kind, scope)."""
     tc, window = _tc("clt", 4), LayerWindow((0, 1, 2, 3))
     with torch.no_grad():
-        tc.W_dec.zero_()
+        for W in tc.decoder_params():
+            W.zero_()
     tcs = {"plt": _tc("plt", 4), "clt": tc}
     clean = CI.clean_run(tiny_lm, tcs, window, tokens, True)
     cases = CI.intervention_cases(tiny_lm, tcs, window, clean, 5, [1, 2], True, other=clean)
@@ -324,3 +326,71 @@ def test_compare_on_smollm2(tmp_path):
     assert first["target_str"] == " Italian" and first["answer_correct"] is True
     assert second["target_str"] == " snow" and first["patch_from"] is not None
     assert {c["kind"] for c in first["interventions"]} == {"zero", "patch"}
+
+
+def test_max_prompts_takes_every_group_in_turn():
+    from clt_eval.training.compare import first_prompts
+
+    specs = [PromptSpec(g, f"{g} {i}") for g in ("a", "b", "c") for i in range(3)]
+    assert [s.text for s in first_prompts(specs, 4)] == ["a 0", "a 1", "b 0", "c 0"]
+    assert first_prompts(specs, None) == specs and first_prompts(specs, 99) == specs
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"groups": {"g": ["ok",]}}', "line 1 column"),
+    ('{"groups": {"g": [{"text": ""}]}}', "groups.g[0].text: expected a non-empty string"),
+    ('{"groups": {"g": [{"answer": "x"}]}}', "groups.g[0]: missing field 'text'"),
+    ('{"groups": {"g": []}}', "groups.g: expected a non-empty list"),
+    ('["a"]', "expected an object with a non-empty 'groups'"),
+])
+def test_malformed_prompt_file_is_one_line_naming_the_place(tmp_path, content, needle):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(CltEvalError) as exc:
+        load_prompts(path)
+    assert needle in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+    assert str(path) in str(exc.value)
+
+
+@pytest.mark.slow
+def test_compare_resumes_with_finished_prompts_kept(tiny_lm, pair, tmp_path, monkeypatch,
+                                                    capfd):
+    from clt_eval.training import compare as C
+
+    plt_dir, clt_dir, _ = pair
+    out = tmp_path / "cmp"
+    real = C.prompt_record
+    calls = []
+
+    def killed_after_two(model, tcs, window, prep, *a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(prep.spec.text)
+        return real(model, tcs, window, prep, *a)
+
+    monkeypatch.setattr(C, "prompt_record", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        compare("tiny", plt_dir, clt_dir, PROMPTS, out, wandb_mode="disabled",
+                match_corpus=None, model=tiny_lm, progress=True)
+    assert "compare" in capfd.readouterr().err  # the progress bar, on stderr
+    assert len((out / C.RECORDS).read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(C, "prompt_record", lambda *a: (calls.append(a[3].spec.text),
+                                                        real(*a))[1])
+    paths = compare("tiny", plt_dir, clt_dir, PROMPTS, out, wandb_mode="disabled",
+                    match_corpus=None, model=tiny_lm, progress=False)
+    assert calls == [PROMPTS[2].text]  # only the unfinished prompt ran
+    fresh = compare("tiny", plt_dir, clt_dir, PROMPTS, tmp_path / "fresh", wandb_mode="disabled",
+                    match_corpus=None, model=tiny_lm, progress=False)
+    a, b = (json.loads(p["json"].read_text()) for p in (paths, fresh))
+    for ra, rb in zip(a["prompts"], b["prompts"], strict=True):
+        for k in ("target", "plt", "clt", "overlap"):
+            ra[k].pop("seconds", None) if isinstance(ra[k], dict) else None
+            rb[k].pop("seconds", None) if isinstance(rb[k], dict) else None
+            assert ra[k] == rb[k], k
+    assert (out / "graphs_two_hop.png").is_file()
+    # Other settings: nothing is reused.
+    calls.clear()
+    compare("tiny", plt_dir, clt_dir, PROMPTS, out, wandb_mode="disabled", match_corpus=None,
+            model=tiny_lm, progress=False, max_prompts=2)
+    assert len(calls) == 2

@@ -38,13 +38,12 @@ def test_hooked_logits_match_hugging_face(smollm2):
 
 
 def test_stream_and_train_plt_and_clt_on_a_window(smollm2, tmp_path):
-    from clt_eval.training.config import RunSpec, TrainConfig
-    from clt_eval.training.lm_train import LMDataConfig, train_on_model
-
     from clt_eval.io import load_extra, load_transcoder
     from clt_eval.lm.activations import ActivationSource
     from clt_eval.lm.corpus import corpus_windows
     from clt_eval.lm.window import LayerWindow
+    from clt_eval.training.config import RunSpec, TrainConfig
+    from clt_eval.training.lm_train import LMDataConfig, train_on_model
 
     _, model = smollm2
     tokens = corpus_windows("bible", model.tokenizer, model.cfg.d_vocab, 32, 4 * 32)
@@ -68,3 +67,41 @@ def test_stream_and_train_plt_and_clt_on_a_window(smollm2, tmp_path):
         folder = out / "transcoders" / rec["run_id"]
         assert load_transcoder(folder).cfg.d_model == 576
         assert load_extra(folder)["window"]["layers"] == list(WINDOW)
+
+
+def test_converted_model_is_cached_and_reloaded(smollm2, tmp_path, monkeypatch):
+    """The converted weights, config and tokenizer are cached; a later load reads the cache
+    (the GGUF converter is never called) and computes the same logits."""
+    from clt_eval.lm import models
+
+    _, model = smollm2
+    monkeypatch.setenv("CLT_EVAL_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / f"{models.SMOLLM2}-{models._file_key(models.smollm2_gguf())}"
+    models._save_converted(model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer",
+                                                        "weights.safetensors"]
+    assert not [p for p in tmp_path.joinpath("models").iterdir() if p.name.startswith(".")]
+
+    def no_conversion():
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(models, "load_smollm2_hf", no_conversion)
+    cached = models.load_model("smollm2-135m")
+    text = "The capital of France is Paris."
+    toks = cached.to_tokens(text)
+    assert toks[0, 0] == cached.tokenizer.bos_token_id
+    assert cached.to_string(toks[0, 1:]) == text
+    torch.testing.assert_close(toks, model.to_tokens(text), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(toks), model(toks), atol=0, rtol=0)
+
+
+def test_cache_key_changes_with_the_file(tmp_path):
+    """A rewritten source file (other size or mtime) gets another cache folder."""
+    from clt_eval.lm.models import _file_key
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"abc")
+    k1 = _file_key(f)
+    f.write_bytes(b"abcd")
+    assert _file_key(f) != k1

@@ -14,18 +14,27 @@ Everything is loaded and checked before anything is computed or written.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clt_eval.training.config import WANDB_MODES
-
 from clt_eval.errors import CltEvalError, check_choice, require
+from clt_eval.training.config import WANDB_MODES
 
 DEFAULT_PROMPTS = Path(__file__).parent / "specs" / "compare_prompts.json"
 NAMES = ("plt", "clt")  # the two transcoders, in the order compare() takes them
 PROMPT_KEYS = ("text", "answer", "target", "patch_from")
+# Finished prompts, one JSON line each, so a rerun into the same folder skips them; and the
+# graphs drawn for the first prompt of each group (pickled: they are only redrawn).
+RECORDS = "prompt_records.jsonl"
+# Pruning ranks only feature and error nodes for the node threshold, so the inputs
+# (embeddings, and the out-of-window error nodes window_prune counts as inputs) always stay.
+PRUNE = "clt-eval"
+GRAPHS = "prompt_graphs"
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,9 @@ class PromptSpec:
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS) -> list[PromptSpec]:
-    """A JSON file ``{"groups": {name: [text | {text, answer?, target?, patch_from?}]}}``."""
+    """A JSON file ``{"groups": {name: [text | {text, answer?, target?, patch_from?}]}}``
+    (docs/compare.md). A malformed file fails with one line naming the place: JSON's own
+    line and column, or ``groups.<name>[<i>].<field>``."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -63,6 +74,20 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS) -> list[PromptSpec]:
             require("text" in item, f"{where}: missing field 'text'")
             out.append(PromptSpec(group=name, **item))
     return out
+
+
+def first_prompts(specs: list[PromptSpec], n: int | None) -> list[PromptSpec]:
+    """At most ``n`` prompts, taken from the groups in turn (the first of each group, then the
+    second, ...) so that a small ``n`` still covers every group; kept in file order."""
+    if n is None or n >= len(specs):
+        return list(specs)
+    rank: dict[str, int] = {}
+    keyed = []
+    for i, s in enumerate(specs):
+        rank[s.group] = rank.get(s.group, -1) + 1
+        keyed.append((rank[s.group], i))
+    chosen = sorted(i for _, i in sorted(keyed)[:n])
+    return [specs[i] for i in chosen]
 
 
 def load_pair(plt_path, clt_path):
@@ -175,7 +200,8 @@ def graph_summary(g, n_layers: int, n_features: int, first: int, node_threshold:
     node_mask, edge_mask = window_prune(g, node_threshold, edge_threshold)
     kept = (node_mask & is_f).nonzero()[:, 0].tolist()
     nodes = {(g.tc_layer[i], g.position[i], g.feature[i]) for i in kept}
-    n_all = int((prune(g.A_NN, w, g.kind, node_threshold, edge_threshold)[0] & is_f).sum())
+    n_all = int((prune(g.A_NN, w, g.kind, node_threshold, edge_threshold, PRUNE)[0]
+                 & is_f).sum())
     metrics = {
         "early_share": GM.early_share(share), "influence_by_layer": share.tolist(),
         "direct_early_share": GM.early_share(direct), "direct_by_layer": direct.tolist(),
@@ -208,17 +234,16 @@ def window_prune(g, node_threshold: float, edge_threshold: float):
                             for k, ly in zip(g.kind, g.layer, strict=True)])
     kinds = ["embedding" if o else k for k, o in zip(g.kind, outside.tolist(), strict=True)]
     node_mask, edge_mask, _ = prune(g.A_NN, g.logit_weights(), kinds, node_threshold,
-                                    edge_threshold)
+                                    edge_threshold, PRUNE)
     node_mask &= ~outside | edge_mask.any(0) | edge_mask.any(1)
     return node_mask, edge_mask & node_mask[:, None] & node_mask[None, :]
 
 
 def prompt_record(model, tcs, window, prep: Prepared, partner, corr, settings: dict) -> dict:
     """Graphs, metrics, overlap and interventions of one prompt, for both transcoders."""
-    from clt_eval.training import compare_interventions as CI
-
     from clt_eval.lm import graph_metrics as GM
     from clt_eval.lm.attribution import attribute
+    from clt_eval.training import compare_interventions as CI
 
     skip_first = settings["skip_first"]
     clean = CI.clean_run(model, tcs, window, prep.tokens, skip_first)
@@ -263,7 +288,8 @@ def compare(model_name: str, plt_path, clt_path, prompts=None, out="runs/compare
             match_tokens: int = 4096, corr_threshold: float = 0.5,
             node_threshold: float = 0.8, edge_threshold: float = 0.98, batch_size: int = 16,
             skip_first: bool = True, max_tokens: int = 32, min_effect: float = 0.05,
-            threads: int | None = None, model=None, progress: bool = True) -> dict[str, Path]:
+            threads: int | None = None, max_prompts: int | None = None, model=None,
+            progress: bool = True) -> dict[str, Path]:
     """PLT (``plt_path``) vs CLT (``clt_path``) on ``model_name`` (module docstring).
 
     ``prompts``: a prompt file (default: the packaged two-hop / memorized / novel set) or a
@@ -273,7 +299,11 @@ def compare(model_name: str, plt_path, clt_path, prompts=None, out="runs/compare
     real-model change of the answer's log-prob (nats) that the sign-and-size agreement counts.
     ``threads``: torch threads while it runs (1 is fastest on 2 shared cores: OpenMP's
     spin-waits cost the attribution's many small products up to 10×); None leaves torch's
-    setting. ``model``: an already loaded model (tests). Returns the paths written.
+    setting. ``max_prompts``: use at most this many prompts, spread over the groups
+    (``first_prompts``). ``model``: an already loaded model (tests). ``progress``: a progress
+    bar on stderr. Each finished prompt is appended to ``out/prompt_records.jsonl``; a
+    rerun with the same inputs and settings into the same ``out`` keeps those and computes
+    only the rest. Returns the paths written.
     """
     import torch
 
@@ -284,6 +314,8 @@ def compare(model_name: str, plt_path, clt_path, prompts=None, out="runs/compare
                 "max_tokens": max_tokens}
     out = Path(out)
     _check_settings(settings, out, wandb_mode, threads)
+    require(max_prompts is None or (isinstance(max_prompts, int) and max_prompts > 0),
+            f"max_prompts={max_prompts!r}: expected a positive integer")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -291,9 +323,11 @@ def compare(model_name: str, plt_path, clt_path, prompts=None, out="runs/compare
         specs = load_prompts(DEFAULT_PROMPTS if prompts is None else prompts) \
             if not isinstance(prompts, list) else prompts
         require(len(specs) > 0, "prompts: expected at least one prompt")
+        specs = first_prompts(specs, max_prompts)
         tcs, window, model, prepared = _load_all(model_name, plt_path, clt_path, specs,
                                                  settings, model)
-        result, drawn = _run(model, tcs, window, prepared, settings, progress)
+        store = PromptStore(out, _run_key(model_name, plt_path, clt_path, specs, settings))
+        result, drawn = _run(model, tcs, window, prepared, settings, progress, store)
         result |= {"model": model_name, "plt": str(plt_path), "clt": str(clt_path)}
         return write_outputs(out, result, drawn, wandb_mode)
     finally:
@@ -332,9 +366,87 @@ def _load_all(model_name, plt_path, clt_path, specs, settings: dict, model):
     return tcs, window, model, prepare_prompts(model, specs, settings["max_tokens"])
 
 
-def _run(model, tcs, window, prepared: list[Prepared], settings: dict, progress: bool):
-    """(result without the file names, {group: graphs to draw}): matching, then each prompt."""
+def _run_key(model_name, plt_path, clt_path, specs, settings: dict) -> str:
+    """What a finished prompt's record depends on besides the prompt itself: the model, both
+    transcoders (their files' sizes and times), the settings, and every prompt (features are
+    matched on all of them)."""
+    stamps = [[str(f), f.stat().st_size, f.stat().st_mtime_ns]
+              for d in (plt_path, clt_path) for f in sorted(Path(d).iterdir()) if f.is_file()]
+    key = json.dumps([model_name, stamps, settings, [asdict(s) for s in specs]],
+                     sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+class PromptStore:
+    """Finished prompts of one compare job: ``out/prompt_records.jsonl``, one line per prompt
+    ({key, index, record}), appended and fsynced as each prompt finishes; a line from another
+    job (other key) or cut short by a kill is ignored. Drawn graphs go to
+    ``out/prompt_graphs/<index>.pt`` (written atomically, before the line that names them)."""
+
+    def __init__(self, out: Path, key: str):
+        self.out, self.key = out, key
+        self.done: dict[int, dict] = {}
+        path = out / RECORDS
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if isinstance(row, dict) and row.get("key") == key:
+                    self.done[int(row["index"])] = row
+
+    def get(self, index: int):
+        """(record, drawn graphs or None) of a finished prompt, or None."""
+        row = self.done.get(index)
+        if row is None:
+            return None
+        graphs = None
+        if row.get("graphs"):
+            import torch
+
+            try:
+                graphs = torch.load(self.out / row["graphs"], weights_only=False)
+            except (OSError, EOFError, RuntimeError):
+                return None  # its graphs are gone: compute the prompt again
+        return row["record"], graphs
+
+    def add(self, index: int, record: dict, graphs=None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        # NaN stays NaN (Python's json reads back what it writes), as in a fresh record.
+        row = {"key": self.key, "index": index, "record": record, "graphs": None}
+        if graphs is not None:
+            row["graphs"] = f"{GRAPHS}/{self.key}-{index}.pt"
+            _torch_save_atomic(graphs, self.out / row["graphs"])
+        with open(self.out / RECORDS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[index] = row
+
+
+def _torch_save_atomic(obj, path: Path) -> None:
+    import tempfile
+
     import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _run(model, tcs, window, prepared: list[Prepared], settings: dict, progress: bool,
+         store: PromptStore):
+    """(result without the file names, {group: graphs to draw}): matching, then each prompt
+    not already finished."""
+    import torch
+    from tqdm.auto import tqdm
 
     from clt_eval.lm import graph_metrics as GM
 
@@ -345,13 +457,19 @@ def _run(model, tcs, window, prepared: list[Prepared], settings: dict, progress:
     matching = _matching_summary(acts, corr, settings["corr_threshold"],
                                  time.perf_counter() - t0)
     records, drawn = [], {}
-    for i, prep in enumerate(prepared):
-        if progress:
-            print(f"[compare] {i + 1}/{len(prepared)} {prep.spec.group}: {prep.spec.text!r}",
-                  flush=True)
-        rec, graphs = prompt_record(model, tcs, window, prep, partner, corr, settings)
+    bar = tqdm(prepared, desc="compare", unit="prompt", file=sys.stderr, disable=not progress)
+    for i, prep in enumerate(bar):
+        bar.set_postfix_str(prep.spec.group)
+        first_of_group = prep.spec.group not in drawn
+        done = store.get(i)
+        if done is None or (first_of_group and done[1] is None):
+            rec, graphs = prompt_record(model, tcs, window, prep, partner, corr, settings)
+            store.add(i, rec, graphs if first_of_group else None)
+        else:
+            rec, graphs = done
         records.append(rec)
-        drawn.setdefault(prep.spec.group, (rec, graphs))  # the first prompt of each group
+        if first_of_group:
+            drawn[prep.spec.group] = (rec, graphs)
     return {"window": window.to_dict(),
             "transcoders": {n: tc.cfg.to_dict() for n, tc in tcs.items()},
             "settings": settings, "matching": matching, "prompts": records,
@@ -372,10 +490,9 @@ def _matching_summary(acts, corr, threshold: float, seconds: float) -> dict:
 
 def write_outputs(out: Path, result: dict, drawn: dict, wandb_mode: str) -> dict[str, Path]:
     """Summaries, plots, compare.json, report.md (written last), then wandb."""
+    from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
     from clt_eval.training import compare_plots, compare_report
     from clt_eval.training.wandb_logger import WandbLogger
-
-    from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     result["summary"] = compare_report.summarize(result["prompts"],

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from clt_eval.training.sweep_plots import save_figure
 
 COLORS = {"plt": "#1f77b4", "clt": "#d62728"}
@@ -37,6 +38,7 @@ def _bars(ax, labels: list[str], series: dict[str, list[float]], width: float = 
         ax.bar(x + (i - (len(series) - 1) / 2) * width, _nan(vals), width,
                color=COLORS.get(name, "#7f7f7f"), label=name.upper())
     ax.set_xticks(x, labels, fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
 
 
 def _nan(vals) -> list[float]:
@@ -47,39 +49,59 @@ def layer_profiles(out: Path, summary: dict) -> Path:
     """Per group: influence share, direct-edge share and L0 by window layer, PLT vs CLT."""
     plt = _plt()
     groups = list(summary)
-    keys = (("influence_by_layer", "share of feature influence"),
-            ("direct_by_layer", "share of direct logit edges"), ("l0_per_layer", "L0 per token"))
+    keys = (("influence_by_layer", "share of feature influence", "fraction of total"),
+            ("direct_by_layer", "share of direct logit edges", "fraction of total"),
+            ("l0_per_layer", "L0 per token", "active features"))
     fig, axes = plt.subplots(len(groups), 3, figsize=(11, 2.4 * len(groups)), squeeze=False)
     for gi, g in enumerate(groups):
-        for ki, (key, title) in enumerate(keys):
+        for ki, (key, title, unit) in enumerate(keys):
             ax = axes[gi, ki]
             L = len(summary[g]["plt"][key])
             _bars(ax, [str(i) for i in range(L)], {n: summary[g][n][key] for n in NAMES})
             ax.set_title(f"{g}: {title}", fontsize=8)
-            if gi == len(groups) - 1:
-                ax.set_xlabel("window layer", fontsize=8)
+            ax.set_xlabel("window layer (index in the window)", fontsize=7)
+            ax.set_ylabel(unit, fontsize=7)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, out / "layer_profiles.png")
 
 
-METRICS = (("early_share", "early-layer share"), ("l0_cv", "L0 CV across layers"),
-           ("mean_path_length", "mean path length"), ("mean_feature_hops", "feature hops"),
-           ("window_replacement", "replacement (window)"),
-           ("window_completeness", "completeness (window)"))
+METRICS = (("early_share", "early-layer share", "fraction"),
+           ("l0_cv", "L0 CV across layers", "std / mean"),
+           ("mean_path_length", "mean path length", "edges"),
+           ("mean_feature_hops", "feature hops", "features on path"),
+           ("window_replacement", "replacement (window)", "score (0–1)"),
+           ("window_completeness", "completeness (window)", "score (0–1)"))
+
+
+def prompt_labels(records: list[dict]) -> list[str]:
+    """"<group> <n>" per prompt, n counting from 1 within its group: the whole group name,
+    never cut short."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        seen[r["group"]] = seen.get(r["group"], 0) + 1
+        out.append(f"{r['group']} {seen[r['group']]}")
+    return out
 
 
 def prompt_metrics(out: Path, records: list[dict]) -> Path:
     """One panel per metric, a pair of bars per prompt; the last panel is the Jaccard."""
     plt = _plt()
-    labels = [f"{r['group'][:4]}{i}" for i, r in enumerate(records)]
-    fig, axes = plt.subplots(len(METRICS) + 1, 1, figsize=(max(7, 0.45 * len(records) + 2),
-                                                           2.0 * (len(METRICS) + 1)))
-    for ax, (key, title) in zip(axes, METRICS, strict=False):
+    labels = prompt_labels(records)
+    fig, axes = plt.subplots(len(METRICS) + 1, 1, sharex=True,
+                             figsize=(max(7, 0.45 * len(records) + 2), 2.0 * (len(METRICS) + 1)))
+    for ax, (key, title, unit) in zip(axes, METRICS, strict=False):
         _bars(ax, labels, {n: [r[n][key] for r in records] for n in NAMES})
         ax.set_title(title, fontsize=8)
+        ax.set_ylabel(unit, fontsize=7)
     _bars(axes[-1], labels, {"jaccard": [r["overlap"]["jaccard"] for r in records]}, 0.6)
     axes[-1].set_title("matched-node Jaccard, PLT vs CLT pruned graphs", fontsize=8)
+    axes[-1].set_ylabel("Jaccard (0–1)", fontsize=7)
+    axes[-1].set_xlabel("prompt (group, number within the group)", fontsize=8)
+    axes[-1].tick_params(axis="x", labelrotation=45)
+    for t in axes[-1].get_xticklabels():
+        t.set_horizontalalignment("right")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, out / "prompt_metrics.png")
@@ -113,8 +135,8 @@ def interventions(out: Path, records: list[dict]) -> Path:
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
-        ax.set_xlabel("Δ log p(answer), real model")
-        ax.set_ylabel("Δ log p(answer), replacement")
+        ax.set_xlabel("Δ log p(answer), real model (nats)")
+        ax.set_ylabel("Δ log p(answer), replacement (nats)")
         ax.set_title(f"middle-layer interventions, all positions ({variant} error)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

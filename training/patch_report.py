@@ -156,6 +156,7 @@ def bar_groups(records: list[dict]) -> tuple[list[tuple[str, list[dict]]], bool]
 
 def effects_figure(out: Path, records: list[dict]) -> Path:
     import numpy as np
+
     from clt_eval.training.sweep_plots import _plt, save_figure
 
     plt = _plt()

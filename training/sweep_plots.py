@@ -11,12 +11,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from clt_eval.training import sweep_analysis as A
 
 from clt_eval.evaluate import SKIP_THRESHOLD
+from clt_eval.training import sweep_analysis as A
 
 METRICS = (("skip_fraction", "skip fraction (0 faithful, 1 skipped)"),
            ("middle_feature_recovery", "middle-layer (B) features recovered"))
+YLABELS = {"skip_fraction": "skip fraction (share of output mass)",
+           "middle_feature_recovery": "B features recovered (fraction)"}
+# The three kinds of run the front plot tells apart (``_kind``), with marker and colour.
+SKIPS, KEEPS_B, NEITHER = ("skips (skip fraction > 0.5)", "keeps B (≥ 3 in 4 middle features)",
+                           "neither")
 
 
 def _plt():
@@ -28,11 +33,13 @@ def _plt():
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Atomic: a crash never leaves half a PNG behind."""
+    """Atomic: a crash never leaves half a PNG behind. ``bbox_inches="tight"`` grows the
+    canvas to fit whatever sticks out (a legend beside the axes, long rotated tick labels),
+    so no label is cut off at the edge."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -67,8 +74,9 @@ def phase_diagram(out: Path, records: list[dict], width: int, x: str) -> Path:
             if metric == "skip_fraction":
                 ax.axhline(SKIP_THRESHOLD, color="grey", lw=0.8, ls="--")
             ax.set_title(f"{arch.upper()}: {title}", fontsize=10)
-            ax.set_xlabel("λ (sparsity coefficient)" if x == "lambda"
+            ax.set_xlabel("λ (sparsity coefficient, log scale)" if x == "lambda"
                           else "total L0 per sample (mean over seeds)")
+            ax.set_ylabel(YLABELS[metric])
             ax.set_ylim(-0.05, 1.05)
     axes[0, 1].legend(fontsize=7, loc="best")
     fig.suptitle(f"Phase diagram vs {'λ' if x == 'lambda' else 'L0'} ({width} features per "
@@ -85,8 +93,7 @@ def front(out: Path, records: list[dict]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, arch in zip(axes, ("plt", "clt"), strict=True):
         runs = [r for r in records if r["arch"] == arch]
-        kinds = {"skips (skip fraction > 0.5)": ("x", "#d62728"),
-                 "keeps B (≥ 3 of 4 half-XORs)": ("o", "#2ca02c"), "neither": (".", "#999999")}
+        kinds = {SKIPS: ("x", "#d62728"), KEEPS_B: ("o", "#2ca02c"), NEITHER: (".", "#999999")}
         for kind, (marker, colour) in kinds.items():
             pts = [r["metrics"] for r in runs if _kind(r["metrics"]) == kind]
             ax.scatter([m["l0_total"] for m in pts], [max(m["nmse"], 1e-6) for m in pts],
@@ -95,7 +102,8 @@ def front(out: Path, records: list[dict]) -> Path:
         ax.set_xlabel("total L0 per sample")
         ax.set_title(f"{arch.upper()}: reconstruction vs sparsity, one point per run")
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("NMSE (fraction of variance unexplained)")
+    for ax in axes:  # sharey hides the right panel's tick labels, not its meaning
+        ax.set_ylabel("NMSE (fraction of variance unexplained, log)")
     fig.tight_layout()
     path = save_figure(fig, out / "front.png")
     plt.close(fig)
@@ -104,10 +112,10 @@ def front(out: Path, records: list[dict]) -> Path:
 
 def _kind(m: dict) -> str:
     if (m.get("skip_fraction") or 0) > SKIP_THRESHOLD:
-        return "skips (skip fraction > 0.5)"
+        return SKIPS
     if (m.get("middle_feature_recovery") or 0) >= A.KEEPS_B:
-        return "keeps B (≥ 3 in 4 middle features)"
-    return "neither"
+        return KEEPS_B
+    return NEITHER
 
 
 def width_plot(out: Path, onset: list[dict]) -> Path | None:
@@ -143,8 +151,8 @@ def cross_share_plot(out: Path, records: list[dict], width: int) -> Path:
         ax.plot(xs, [p["mean"] for p in pts], marker="o", ms=3, label=name)
         ax.fill_between(xs, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.15)
     ax.set_xscale("log")
-    ax.set_xlabel("λ")
-    ax.set_ylabel("cross-layer share of decoder mass")
+    ax.set_xlabel("λ (sparsity coefficient, log scale)")
+    ax.set_ylabel("cross-layer share of decoder mass (fraction)")
     ax.set_title("CLT: decoder mass in cross-layer blocks vs λ (mean, 95% band)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -175,10 +183,11 @@ def circuit_plot(out: Path, rows: list[dict]) -> Path | None:
         axes[0].scatter([], [], color=c, label=arch.upper())
     axes[0].set_ylabel("edge recall vs true circuit")
     axes[0].set_ylim(-0.05, 1.05)
-    axes[1].set_ylabel("shortcut edges")
+    axes[1].set_ylabel("shortcut edges (count)")
+    axes[1].set_xlabel("setting, matched total L0 per sample")
     axes[1].set_xticks(range(len(keys)))
-    axes[1].set_xticklabels([f"{s}\nL0 {t:g}" for s, t in keys], rotation=60, fontsize=7,
-                            ha="right")
+    axes[1].set_xticklabels([f"{s}, L0 {t:g}" for s, t in keys], rotation=30, fontsize=7,
+                            ha="right", rotation_mode="anchor")
     axes[0].legend(fontsize=8)
     axes[0].set_title("Attribution graphs scored against the true circuit (dot = seed)",
                       fontsize=9)

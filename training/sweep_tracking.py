@@ -7,13 +7,13 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import torch
-from clt_eval.training.analysis import knob
-from clt_eval.training.sweep_analysis import label
 
 from clt_eval.case_study import middle_layers, step_at
 from clt_eval.evaluate import CORR_MIN, COS_MIN
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.tracking import track
+from clt_eval.training.analysis import knob
+from clt_eval.training.sweep_analysis import label
 
 
 @torch.no_grad()

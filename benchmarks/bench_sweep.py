@@ -29,6 +29,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+
     from clt_eval.training.config import RunSpec
     from clt_eval.training.experiment import train_group
     from clt_eval.training.sweep import run_sweep
@@ -41,9 +42,8 @@ def main() -> None:
         t_sweep = time.perf_counter() - t0
         runs = [RunSpec(**r["spec"]) for r in json.loads(result["sweep"].read_text())["runs"]]
     torch.set_num_threads(1)  # as run_sweep does
-    from clt_eval.training.experiment import case_data
-
     from clt_eval.case_study import load_case_study
+    from clt_eval.training.experiment import case_data
 
     case = load_case_study(spec.case_study)
     model = case.model()

@@ -43,8 +43,8 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-from clt_eval.case_studies import _mlp_stack as stack
 
+from clt_eval.case_studies import _mlp_stack as stack
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import CltEvalError
 

@@ -56,8 +56,8 @@ The inequalities, for every k (checked in the tests):
 from __future__ import annotations
 
 import torch
-from clt_eval.case_studies.boolean_chain import BIAS, N_INPUTS, BooleanChain, all_inputs
 
+from clt_eval.case_studies.boolean_chain import BIAS, N_INPUTS, BooleanChain, all_inputs
 from clt_eval.costs import Feature, hand_built
 from clt_eval.transcoder import Transcoder
 

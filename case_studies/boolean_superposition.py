@@ -47,8 +47,8 @@ import itertools
 import math
 
 import torch
-from clt_eval.case_studies import _mlp_stack as stack
 
+from clt_eval.case_studies import _mlp_stack as stack
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import CltEvalError
 

@@ -20,8 +20,8 @@ build each exact decomposition and price it under every penalty (``clt_eval.cost
 from __future__ import annotations
 
 import torch
-from clt_eval.case_studies.boolean_two_step import BIAS, D_MODEL, H0, Y, all_inputs
 
+from clt_eval.case_studies.boolean_two_step import BIAS, D_MODEL, H0, Y, all_inputs
 from clt_eval.costs import Feature, hand_built
 from clt_eval.transcoder import Transcoder
 

@@ -29,8 +29,8 @@ Residual stream (d_model = 10, the two-step toy's layout):
 from __future__ import annotations
 
 import torch
-from clt_eval.case_studies import _mlp_stack as stack
 
+from clt_eval.case_studies import _mlp_stack as stack
 from clt_eval.case_study import Circuit, GroundTruthLayer
 from clt_eval.errors import CltEvalError
 

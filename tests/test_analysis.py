@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from clt_eval.training.analysis import summarize
 
 from clt_eval.metrics import read_share
+from clt_eval.training.analysis import summarize
 
 
 def test_summarize_skips_undefined_values():

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+
 from clt_eval.case_studies.boolean_chain import BooleanChain
 from clt_eval.case_studies.boolean_superposition import BooleanSuperposition
 from clt_eval.case_studies.continuous_two_step import ContinuousTwoStep
-
 from clt_eval.case_study import load_case_study
 from clt_eval.contract import check_case_study
 from clt_eval.costs import sparsity_costs

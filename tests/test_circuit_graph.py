@@ -100,12 +100,13 @@ def _with_leak(decomps, scale: float) -> Transcoder:
         for p in tc.parameters():
             p.zero_()
         tc.W_enc.copy_(base.W_enc)
-        tc.W_dec.copy_(base.W_dec)
+        for W, W_base in zip(tc.decoder_params(), base.decoder_params(), strict=True):
+            W.copy_(W_base)
         corners = [(1, -1, 1, -1), (1, -1, -1, 1), (-1, 1, 1, -1), (-1, 1, -1, 1)]
         for k, p in enumerate(corners):
             tc.W_enc[0, 0, :4, 4 + k] = torch.tensor(p, dtype=torch.float)
             tc.W_enc[0, 0, BIAS, 4 + k] = -3.0
-            tc.W_dec[0, 0, 1, 4 + k, Y] = 2.0 * scale
+            tc.decoder_block(0, 1, masked=False)[0, 4 + k, Y] = 2.0 * scale
     return tc
 
 
@@ -257,7 +258,7 @@ def _chain_tc(arch: str, feats: list[tuple[int, torch.Tensor, dict]]) -> Transco
             f, count[layer] = count[layer], count[layer] + 1
             tc.W_enc[0, layer, :, f] = enc
             for target, vec in decs.items():
-                tc.W_dec[0, layer, target, f] = vec
+                tc.decoder_block(layer, target, masked=False)[0, f] = vec
     return tc
 
 

@@ -20,7 +20,8 @@ def _tc(layers, arch="clt", runs=1, **kw) -> Transcoder:
             for _ in range(runs)]
     tc = Transcoder(cfgs, seeds=list(range(runs)))
     with torch.no_grad():  # decoders big enough that splicing visibly changes the model
-        tc.W_dec.mul_(5)
+        for W in tc.decoder_params():
+            W.mul_(5)
         tc.b_enc.fill_(-0.1)
         tc.b_dec.normal_(0, 0.1)
         if tc.W_skip is not None:
@@ -125,7 +126,8 @@ def test_exact_transcoder_has_zero_kl(tiny_lm, tokens):
     model = copy.deepcopy(tiny_lm)
     tc = _tc((1, 2))
     with torch.no_grad():
-        tc.W_dec.zero_()
+        for W in tc.decoder_params():
+            W.zero_()
         for ell, m in enumerate((1, 2)):
             model.blocks[m].mlp.W_out.zero_()
             tc.b_dec[0, ell] = model.blocks[m].mlp.b_out

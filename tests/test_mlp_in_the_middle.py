@@ -55,7 +55,6 @@ def wide():
 @pytest.mark.parametrize("width", [1, 64])
 def test_meets_the_case_study_contract(width):
     from clt_eval.case_studies.mlp_in_the_middle import MlpInTheMiddle
-
     from clt_eval.contract import check_case_study
 
     check_case_study(MlpInTheMiddle(width=width))

@@ -203,9 +203,8 @@ def test_readers_fall_back_to_the_case_study_then_the_identity(distilled):
 def test_feature_pairs_isolate_one_feature(case, model):
     """Boolean two-step: for each half-XOR, pairs where only it changes, so patching the
     whole MLP0 output reproduces exactly that feature's counterfactual."""
-    from clt_eval.training.patch_job import candidate_pairs, feature_pairs
-
     from clt_eval.case_study import step_at
+    from clt_eval.training.patch_job import candidate_pairs, feature_pairs
 
     base, source = candidate_pairs(case)
     assert len(base) == 16 * 15  # no pairs named: every ordered pair of distinct inputs

@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-from clt_eval.training.cli import main
 
 from clt_eval.case_study import (
     ENTRY_POINT_GROUP,
@@ -18,6 +17,7 @@ from clt_eval.case_study import (
     parse_name,
 )
 from clt_eval.errors import CltEvalError
+from clt_eval.training.cli import main
 
 # A two-step plugin written against the first contract (middle_layer/output_layer), with
 # switches that break one thing each.

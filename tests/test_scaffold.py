@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from clt_eval.training import scaffold as S
 
 from clt_eval.case_study import load_case_study
 from clt_eval.contract import check_case_study
 from clt_eval.errors import CltEvalError
+from clt_eval.training import scaffold as S
 
 NAME, CLASS = "clt_scaffold_demo", "CltScaffoldDemo"
 

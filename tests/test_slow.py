@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from clt_eval.training.cli import main
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from clt_eval.training.analysis import knob
 from clt_eval.training.experiment import run_id
 

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from clt_eval.training.config import WANDB_MODES, RunSpec, TrainConfig
 
 from clt_eval.errors import CltEvalError, check_choice, require
+from clt_eval.training.config import WANDB_MODES, RunSpec, TrainConfig
 
 ARCHS = ("plt", "clt")
 KINDS = ("decoder", "encoder")
@@ -269,8 +269,9 @@ def feature_pairs(case, model, step, j: int, base, source, max_pairs: int):
 
 def train_runs(case, model, cfg: PatchConfig, progress: bool):
     """[(spec, record, transcoder of that ensemble, index in it)] for every run."""
-    from clt_eval.training.experiment import case_data, group_specs, train_group
     from tqdm.auto import tqdm
+
+    from clt_eval.training.experiment import case_data, group_specs, train_group
 
     data, runs = case_data(case, model), []
     groups = group_specs(cfg.run_specs())
@@ -378,9 +379,8 @@ def run_patch(case_study: str = "mlp_in_the_middle", out: Path | str = "runs/pat
     ``patching.json``, ``report.md``, ``effects.png`` and a wandb run under ``out``.
     Returns the written paths, the PLT/CLT summary, the number of directions studied and
     the seconds taken (model-library import, training, patching and writing)."""
-    from clt_eval.training import patch_report
-
     from clt_eval.atomic import write_json_atomic
+    from clt_eval.training import patch_report
 
     started = time.perf_counter()
     out = Path(out)

@@ -10,10 +10,10 @@ import math
 from collections import defaultdict
 
 import numpy as np
-from clt_eval.training.analysis import NMSE_OK, knob
 from scipy import stats
 
 from clt_eval.config import DEFAULT_ACTIVATION
+from clt_eval.training.analysis import NMSE_OK, knob
 
 RECOVERED = 0.5  # mean middle-layer recovery below this: the middle step counts as gone
 KEEPS_B = 0.75  # a run "keeps B" when it recovers 3 in 4 of the middle-step features

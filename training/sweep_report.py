@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from clt_eval.atomic import write_text_atomic
 from clt_eval.training import sweep_analysis as A
 from clt_eval.training import sweep_plots as P
 from clt_eval.training.report import _table, analytic_section
-
-from clt_eval.atomic import write_text_atomic
 
 
 def _f(v, digits=2) -> str:

@@ -31,12 +31,9 @@ SEED = 20240601  # fixed: the drawn mutations are the same in every run
 N_RANDOM_SPECS = 45
 N_RANDOM_CONFIGS = 30
 
-# Cases that fail today because of code outside this helper's files; each reason names the
-# file to fix. strict: once fixed they pass, and the mark must go.
-KNOWN = {
-    "evaluate|case-study-list": "training/runs.py: evaluate_dir must check that "
-                                "extra.case_study is a string before grouping by it",
-}
+# Cases known to fail, each with the file to fix (strict: once fixed they pass, and the mark
+# must go). None today.
+KNOWN: dict[str, str] = {}
 
 
 def _xfail(case_id: str):

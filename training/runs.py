@@ -64,6 +64,7 @@ def evaluate_dir(run_dir: Path) -> dict[str, dict]:
     Everything is loaded and checked before anything is written, and transcoders of one case
     study with compatible shapes are stacked into one ensemble, evaluated in one pass.
     """
+    from clt_eval.evaluate import check_fits_case
     from clt_eval.io import load_extra, load_transcoder
 
     if not run_dir.exists():
@@ -71,12 +72,16 @@ def evaluate_dir(run_dir: Path) -> dict[str, dict]:
     groups: dict[tuple, list] = defaultdict(list)
     for d in transcoder_dirs(run_dir):
         tc, name = load_transcoder(d), load_extra(d).get("case_study")
-        if name is None:
-            raise CltEvalError(f"{d}/config.json: field 'extra.case_study' missing; expected the "
-                               "name of the case study the transcoder was trained on")
+        if not isinstance(name, str):
+            raise CltEvalError(f"{d}/config.json: field 'extra.case_study' is {name!r}; expected "
+                               "the name of the case study the transcoder was trained on")
         groups[(name, json.dumps(shared_fields(tc.cfg), sort_keys=True))].append((d, tc))
-    # Unknown names and broken plugins fail here, before anything is written.
+    # Unknown names, broken plugins and shapes that do not fit their case study fail here,
+    # before anything is written.
     cases = {name: load_case_study(name, validate=True) for name, _ in groups}
+    for (name, _), members in groups.items():
+        for d, tc in members:
+            check_fits_case(tc.cfg, cases[name], f"{d}/config.json")
     results = {}
     for (name, _), members in groups.items():
         results |= _evaluate_group(cases[name], members)

@@ -109,11 +109,11 @@ def _recovery(tc, out, gt_layers, cache) -> dict:
     R = tc.n_runs
     per_layer = torch.zeros(R, len(gt_layers))
     matches = [[None] * len(gt_layers) for _ in range(R)]
-    W = tc.masked_W_dec()
     for j, g in enumerate(gt_layers):
+        W_own = tc.decoder_block(g.layer, g.layer)  # [R, F, D]: own-layer decoders only
         for r in range(R):
-            m = M.match_features(out.acts_RBLF[r, :, g.layer], cache[g.hook],
-                                 W[r, g.layer, g.layer], g.directions_GD, CORR_MIN, COS_MIN)
+            m = M.match_features(out.acts_RBLF[r, :, g.layer], cache[g.hook], W_own[r],
+                                 g.directions_GD, CORR_MIN, COS_MIN)
             per_layer[r, j] = M.recovery_fraction(m)
             matches[r][j] = {"layer": g.layer, "names": list(g.names)} | m
     return {"recovery_per_layer": per_layer, "matches": matches}

@@ -504,6 +504,18 @@ def test_windowed_clt_is_padded_to_every_model_layer(tmp_path):
     assert not y6[:, [0, 1, 5]].any()
 
 
+def test_clt_layers_out_of_order_are_refused(tmp_path):
+    """A CLT's W_dec_i decodes to the files after i, so clt_eval_layers must increase: a
+    shuffled list would silently pair decoders with the wrong layers."""
+    tc = perturbed(activation="jumprelu")
+    out = convert(save_native(tc, WINDOW, tmp_path / "src"), tmp_path / "ct", "circuit-tracer",
+                  n_model_layers=M)
+    edit_yaml(out / "config.yaml", lambda c: c.update(
+        clt_eval_layers=[0, 1, 2, 3, 5, 4, 6], clt_eval_window=[1, 3, 4]))
+    fails(lambda: load_any(out), "config.yaml: field 'clt_eval_layers' is [0, 1, 2, 3, 5, 4, 6]",
+          "increasing order")
+
+
 def test_windowed_set_is_padded(tmp_path):
     tc = perturbed(arch="plt", activation="topk", k=2, topk_mode="per_layer")
     out = convert(save_native(tc, WINDOW, tmp_path / "src"), tmp_path / "ct", "circuit-tracer",

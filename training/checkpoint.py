@@ -70,18 +70,35 @@ class Checkpoint:
         except (OSError, safetensors.SafetensorError) as exc:
             raise CltEvalError(f"{self.path}: unreadable checkpoint ({exc}); delete it to "
                                "restart this ensemble from step 0") from None
-        tc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, key = k.split(".", 2)
-                state.setdefault(int(i), {})[key] = v
-        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        # Checked before anything is loaded, so a refused checkpoint leaves tc and opt as
+        # they were.
+        if "model.W_dec" in tensors:
+            raise CltEvalError(f"{self.path}: checkpoint written before decoders were stored "
+                               "per source layer (one dense 'model.W_dec'); its optimiser state "
+                               "does not fit the current parameters. Delete it to restart this "
+                               "ensemble from step 0")
+        try:
+            tc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            opt.load_state_dict(_opt_state(tensors, meta))
+        except (KeyError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CltEvalError(f"{self.path}: checkpoint does not fit this ensemble ({first}); "
+                               "delete it to restart this ensemble from step 0") from None
         return int(meta["next_step"]), tensors["since_fired"]
 
     def remove(self) -> None:
         if is_main():
             self.path.unlink(missing_ok=True)
+
+
+def _opt_state(tensors: dict, meta: dict) -> dict:
+    """The optimiser's state dict from the checkpoint's ``opt.{param}.{key}`` tensors."""
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:

@@ -296,7 +296,8 @@ def transcoder_directions(case, model, runs, middle: list[int], next_step: dict,
                      "encoder": reader(case, model, [ell])} for ell in middle}
     pairs_cache, records, summaries = {}, [], []
     for spec, rec, tc, r in runs:
-        W_dec, W_enc = tc.masked_W_dec().detach(), tc.W_enc.detach()
+        W_enc = tc.W_enc.detach()
+        own_dec = {ell: tc.decoder_block(ell, ell).detach() for ell in middle}
         found, missed = 0, []
         for m in rec["metrics"]["matches"]:
             ell = m["layer"]
@@ -313,7 +314,7 @@ def transcoder_directions(case, model, runs, middle: list[int], next_step: dict,
                                                         source_all, max_pairs)
                 found += 1
                 records += _feature_records(model, case, spec, rec, step, j, f,
-                                            W_dec[r, ell, ell, f], W_enc[r, ell, :, f],
+                                            own_dec[ell][r, f], W_enc[r, ell, :, f],
                                             readers[ell], pairs_cache[ell, j])
         summaries.append({"run_id": rec["run_id"], "arch": spec.arch,
                           "sparsity_coef": spec.sparsity_coef, "seed": spec.seed,

@@ -45,7 +45,7 @@ def tracking_rows(runner, grid: list[dict], width: int) -> list[dict]:
         for gt in mids:
             m = gt.layer
             acts = [a[:, m] for a in outs]
-            decs = [tc.masked_W_dec()[0, m, m] for tc in tcs]
+            decs = [tc.decoder_block(m, m)[0] for tc in tcs]
             for g, t in enumerate(track(acts, decs, cache[gt.hook], gt.directions_GD,
                                         CORR_MIN, COS_MIN)):
                 stop = t["stop"]

@@ -1,6 +1,8 @@
 """Helpers shared by the format readers and writers: strict tensor checks, thresholds,
 building a one-run ``Transcoder`` from plain tensors, and atomic folder writes.
 
+Large files are read lazily (``read_header`` then ``fill``): shapes and dtypes from the
+header, then each tensor a slice of rows at a time straight into the transcoder's parameters.
 Every reader checks a foreign file completely (names, shapes, dtypes, finiteness) and fails
 with one line naming the file and tensor, before anything is built or written (docs/concepts.md
 §8.10).
@@ -8,7 +10,10 @@ with one line naming the file and tensor, before anything is built or written (d
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
@@ -31,6 +36,84 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(str(path))
     except (OSError, safetensors.SafetensorError) as exc:
         raise CltEvalError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+# ---- lazy reading: headers first, then tensors a slice of rows at a time ------------------
+class TensorInfo(NamedTuple):
+    shape: list[int]
+    dtype: str  # safetensors' dtype name, e.g. "F32"
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# safetensors' dtype names as torch's, for messages that read like those for loaded tensors.
+TORCH_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+               "BOOL": "bool"}
+# Bytes of a stored tensor read at once: large decoders are read in slices of rows.
+READ_CHUNK_BYTES = 1 << 25
+
+
+def _open(path: Path):
+    require(path.is_file(), f"{path}: missing; expected a safetensors file")
+    try:
+        return safetensors.safe_open(str(path), framework="pt")
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise CltEvalError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """{name: (shape, dtype)} from a safetensors file's header; no tensor is read."""
+    with _open(path) as f:
+        return {n: TensorInfo(list(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype())
+                for n in f.keys()}
+
+
+def read_rows(path: Path, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo..hi of a stored tensor, through a mapping opened for them alone (read pages
+    of a mapping stay resident until it is closed, so one held over a whole load would add
+    the file's size again)."""
+    with _open(path) as f:
+        return f.get_slice(name)[lo:hi]
+
+
+def fill(dest: torch.Tensor | None, header: dict[str, TensorInfo], path: Path, name: str,
+         shape: list[int], why: str = "",
+         pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Check tensor ``name`` (shape and dtype from the header, then finiteness) and copy it
+    into ``dest`` (laid out as stored, or as ``pick`` makes a slice of rows) a slice of rows
+    at a time; ``dest=None`` only checks. Values are converted to dest's dtype."""
+    info = header[name]
+    require(info.shape == list(shape), f"{path}: tensor {name!r} has shape {info.shape}, "
+            f"expected {list(shape)}" + (f" ({why})" if why else ""))
+    require(info.dtype in FLOAT_DTYPES,
+            f"{path}: tensor {name!r} has dtype "
+            f"{'torch.' + TORCH_NAMES[info.dtype] if info.dtype in TORCH_NAMES else info.dtype}"
+            ", expected a float dtype")
+    n = shape[0] if shape else 1
+    step = max(1, READ_CHUNK_BYTES // (8 * max(1, math.prod(shape[1:]))))  # 8: widest float
+    bad = 0
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        part = read_rows(path, name, lo, hi) if shape else _read_all(path, name)
+        bad += int((~torch.isfinite(part)).sum())
+        if dest is not None:
+            dest[lo:hi] = pick(part) if pick else part
+        del part
+    require(bad == 0, f"{path}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf); "
+            "expected finite numbers")
+
+
+def _read_all(path: Path, name: str) -> torch.Tensor:
+    with _open(path) as f:
+        return f.get_tensor(name)
+
+
+def read(header: dict[str, TensorInfo], path: Path, name: str, shape: list[int],
+         why: str = "") -> torch.Tensor:
+    """A small tensor, checked as ``fill`` does, as float32."""
+    out = torch.empty(shape)
+    fill(out, header, path, name, shape, why)
+    return out
 
 
 def check_names(tensors: dict, path: Path, required: set[str], optional: set[str] = frozenset()):
@@ -86,17 +169,19 @@ def log_threshold(theta_F: torch.Tensor, path: Path, name: str, relu_first: bool
 # ---- building ----------------------------------------------------------------------------
 @torch.no_grad()
 def build_transcoder(cfg: TranscoderConfig, tensors: dict[str, torch.Tensor]) -> Transcoder:
-    """A one-run Transcoder in eval mode holding ``tensors`` (names as in Transcoder, no run
-    dim). Every tensor the config needs must be given; the shapes were checked by the reader."""
+    """A one-run per-layer Transcoder in eval mode holding ``tensors`` (names as in
+    Transcoder, no run dim; ``W_dec_own`` [L, F, D] the own-layer decoders). Every tensor the
+    config needs must be given; the shapes were checked by the reader."""
+    require(cfg.arch == "plt", f"internal: build_transcoder builds PLTs, got {cfg.arch!r}")
     tc = Transcoder([cfg], init=False)
-    needed = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    needed = {"W_enc", "b_enc", "W_dec_own", "b_dec"}
     needed |= {"W_skip"} if cfg.skip else set()
     needed |= {"log_threshold"} if cfg.activation == "jumprelu" else set()
     require(set(tensors) == needed, f"internal: tensors {sorted(tensors)} != {sorted(needed)}")
     for name, t in tensors.items():
-        if name == "W_dec":  # dense [S, T, F, D] -> the per-source decoders [F, T_s, D]
-            for s, T in enumerate(tc.n_targets):
-                tc.decoder_params()[s][0] = t[s, s:s + T].permute(1, 0, 2)
+        if name == "W_dec_own":  # [L, F, D] -> W_dec_{s} [1, F, 1, D]
+            for s, W in enumerate(tc.decoder_params()):
+                W[0, :, 0] = t[s]
         else:
             getattr(tc, name).copy_(t[None])
     return tc.eval()

@@ -136,6 +136,10 @@ def _stored_layers(config: dict, n_layers: int, path: Path) -> list[int]:
     require(isinstance(layers, list) and len(layers) == n_layers,
             f"{path}: field {LAYERS_KEY!r} is {layers!r}, expected a list of {n_layers} model "
             "layers (one per transcoder layer)")
+    # In file order: a CLT's W_dec_i holds blocks to the files after i.
+    require(all(isinstance(m, int) and not isinstance(m, bool) for m in layers)
+            and layers == sorted(set(layers)), f"{path}: field {LAYERS_KEY!r} is {layers!r}, "
+            "expected distinct model layers in increasing order")
     return layers
 
 
@@ -201,56 +205,61 @@ def load_circuit_tracer(path: str | Path, *, feature_input_hook: str | None = No
     folder = Path(path)
     require(folder.is_dir(), f"{folder}: missing; expected a circuit-tracer transcoder folder")
     config = read_config(folder, (feature_input_hook, feature_output_hook))
+    where = folder / CONFIG_FILE
     if MODEL_KINDS[config["model_kind"]] == "clt":
-        arch, tensors = _load_clt(folder)
+        enc_files = _layer_files(folder, "W_enc_")
+        stored = _stored_layers(config, len(enc_files), where)
+        keep = _kept(config, stored, where)
+        tc = _load_clt(folder, enc_files, keep)
     else:
         files = files or _set_files(folder, config, allow_external_paths)
         arch, tensors = _load_set(folder, config, files)
-    where = folder / CONFIG_FILE
-    stored = _stored_layers(config, tensors["W_enc"].shape[0], where)
-    keep = _kept(config, stored, where)
-    cfg = dataclasses.replace(arch, n_layers=len(keep))
-    tc = C.build_transcoder(cfg, _select_layers(tensors, keep))
+        stored = _stored_layers(config, len(files), where)
+        keep = _kept(config, stored, where)
+        cfg = dataclasses.replace(arch, n_layers=len(keep))
+        tc = C.build_transcoder(cfg, {name: t[keep] for name, t in tensors.items()})
     return tc, _window(config, [stored[i] for i in keep], where)
 
 
-def _select_layers(tensors: dict[str, torch.Tensor], keep: list[int]) -> dict:
-    """The transcoder restricted to layers ``keep`` (W_dec [S, T, F, D] on both axes)."""
-    idx = torch.tensor(keep)
-    out = {name: t[idx] for name, t in tensors.items() if name != "W_dec"}
-    out["W_dec"] = tensors["W_dec"][idx][:, idx]
-    return out
-
-
-def _load_clt(folder: Path) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
-    enc_files = _layer_files(folder, "W_enc_")
+@torch.no_grad()
+def _load_clt(folder: Path, enc_files: list[Path], keep: list[int]) -> Transcoder:
+    """The CLT's layers ``keep``, read lazily: the transcoder is allocated once, uninitialised,
+    and each stored tensor is checked and copied into it a slice at a time (circuit-tracer's
+    W_dec_i [F, L-i, D] is already the per-source layout), so loading needs about the
+    transcoder's own size. Layers outside ``keep`` (a padded export's zeros) are checked only."""
     L = len(enc_files)
     dec_files = _layer_files(folder, "W_dec_", L)
-    first = C.read_safetensors(enc_files[0])
+    first = C.read_header(enc_files[0])
     F, D = C.feature_dims(first, enc_files[0], "W_enc_0")
     jump = "threshold_0" in first
-    W_enc, b_enc, b_dec, thr = [], [], [], []
-    W_dec = torch.zeros(L, L, F, D)
+    tc = Transcoder([_config(D, len(keep), F, "clt", "jumprelu" if jump else "relu", folder)],
+                    init=False)
     dims = f"F={F}, D={D} from {enc_files[0].name}, L={L} from the number of W_enc_* files"
     for i, (ep, dp) in enumerate(zip(enc_files, dec_files, strict=True)):
-        t = first if i == 0 else C.read_safetensors(ep)
+        j = keep.index(i) if i in keep else None
+        h = first if i == 0 else C.read_header(ep)
         names = {f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"} | ({f"threshold_{i}"} if jump else set())
-        C.check_names(t, ep, names)
-        W_enc.append(C.take(t, ep, f"W_enc_{i}", [F, D], dims).T)
-        b_enc.append(C.take(t, ep, f"b_enc_{i}", [F], dims))
-        b_dec.append(C.take(t, ep, f"b_dec_{i}", [D], dims))
+        C.check_names(h, ep, names)
+        kept = j is not None
+        C.fill(tc.W_enc[0, j].T if kept else None, h, ep, f"W_enc_{i}", [F, D], dims)
+        C.fill(tc.b_enc[0, j] if kept else None, h, ep, f"b_enc_{i}", [F], dims)
+        C.fill(tc.b_dec[0, j] if kept else None, h, ep, f"b_dec_{i}", [D], dims)
         if jump:
-            thr.append(C.log_threshold(C.take(t, ep, f"threshold_{i}", [F], dims), ep,
-                                       f"threshold_{i}", relu_first=False))
-        d = C.read_safetensors(dp)
+            theta = C.read(h, ep, f"threshold_{i}", [F], dims)
+            log_theta = C.log_threshold(theta, ep, f"threshold_{i}", relu_first=False)
+            if kept:
+                tc.log_threshold[0, j] = log_theta
+        d = C.read_header(dp)
         C.check_names(d, dp, {f"W_dec_{i}"})
-        W_dec[i, i:] = C.take(d, dp, f"W_dec_{i}", [F, L - i, D], dims).permute(1, 0, 2)
-    cfg = _config(D, L, F, "clt", "jumprelu" if jump else "relu", folder)
-    tensors = {"W_enc": torch.stack(W_enc), "b_enc": torch.stack(b_enc), "W_dec": W_dec,
-               "b_dec": torch.stack(b_dec)}
-    if jump:
-        tensors["log_threshold"] = torch.stack(thr)
-    return cfg, tensors
+        C.fill(tc.decoder_params()[j][0] if kept else None, d, dp, f"W_dec_{i}",
+               [F, L - i, D], dims, pick=_targets_picker(keep[j:] if kept else [], i, L))
+    return tc.eval()
+
+
+def _targets_picker(targets: list[int], i: int, L: int):
+    """From rows of W_dec_i [n, L-i, D], the blocks to the kept ``targets`` (None: all)."""
+    cols = [t - i for t in targets]
+    return None if cols == list(range(L - i)) else (lambda rows: rows[:, cols])
 
 
 def _config(D: int, L: int, F: int, arch: str, activation: str, folder: Path,
@@ -326,9 +335,7 @@ def _load_set(folder: Path, config: dict, files: list[Path]
     activation = act if act == "topk" else ("jumprelu" if thr_name else "relu")
     cfg = _config(D, L, F, "plt", activation, folder, k if activation == "topk" else None, skip)
     tensors = {name: torch.stack([d[name] for d in layers]) for name in layers[0]}
-    W_dec = torch.zeros(L, L, F, D)
-    W_dec[torch.arange(L), torch.arange(L)] = tensors.pop("W_dec_FD")
-    return cfg, tensors | {"W_dec": W_dec}
+    return cfg, tensors | {"W_dec_own": tensors.pop("W_dec_FD")}
 
 
 def _set_layer(t: dict, p: Path, F: int, D: int, thr_name: str | None, dims: str) -> dict:
@@ -422,17 +429,30 @@ def _clt_tensors(tc: Transcoder, model_layers: list[int], index: dict[int, int]
         s = index.get(m)
         enc = {f"W_enc_{i}": torch.zeros(F, D), f"b_enc_{i}": torch.zeros(F),
                f"b_dec_{i}": torch.zeros(D)}
-        dec = torch.zeros(F, M - i, D)
+        dec = (_clt_decoder(tc, s, list(index)[s:], model_layers, i) if s is not None
+               else torch.zeros(F, M - i, D))
         if s is not None:
             enc = {f"W_enc_{i}": C.cpu32(tc.W_enc[0, s].T), f"b_enc_{i}": C.cpu32(tc.b_enc[0, s]),
                    f"b_dec_{i}": C.cpu32(tc.b_dec[0, s])}
-            for t in range(s, cfg.n_layers):
-                dec[:, model_layers.index(list(index)[t]) - i] = C.cpu32(tc.decoder_block(s, t)[0])
         if theta is not None:
             enc[f"threshold_{i}"] = C.cpu32(theta[s]) if s is not None else torch.zeros(F)
         files[f"W_enc_{i}.safetensors"] = enc
-        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": dec.contiguous()}
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": dec}
     return files
+
+
+def _clt_decoder(tc: Transcoder, s: int, targets: list[int], model_layers: list[int], i: int
+                 ) -> torch.Tensor:
+    """W_dec_i [F, M-i, D] from source s's stored blocks to the model layers ``targets``
+    (model layer i holds window layer s); a padded export's slots for model layers outside
+    the window stay zero."""
+    W = tc.decoder_from(s)[0].detach()
+    cols = [model_layers.index(m) - i for m in targets]
+    if cols == list(range(len(model_layers) - i)):
+        return C.cpu32(W)
+    dec = torch.zeros(W.shape[0], len(model_layers) - i, W.shape[2])
+    dec[:, cols] = W.to("cpu", torch.float32)
+    return dec
 
 
 def _set_tensors(tc: Transcoder, config: dict, model_layers: list[int], index: dict[int, int]

@@ -133,10 +133,8 @@ def load_sae_lens(path: str | Path) -> tuple[Transcoder, LayerWindow]:
                            activation="jumprelu" if jump else "relu", skip=skip)
     tensors = {name: torch.stack([p["tensors"][name] for p in parts])
                for name in ref["tensors"] if name != "W_dec_FD"}
-    W_dec = torch.zeros(L, L, F, D)
-    W_dec[torch.arange(L), torch.arange(L)] = torch.stack([p["tensors"]["W_dec_FD"]
-                                                           for p in parts])
-    tc = C.build_transcoder(cfg, tensors | {"W_dec": W_dec})
+    W_own = torch.stack([p["tensors"]["W_dec_FD"] for p in parts])
+    tc = C.build_transcoder(cfg, tensors | {"W_dec_own": W_own})
     window = LayerWindow(tuple(p["layer"] for p in parts), *ref["hooks"], ref["model_name"])
     return tc, window
 

@@ -154,7 +154,6 @@ def local_forward(model, tc: Transcoder, window: LayerWindow, ctx: LocalReplacem
     """
     require(acts_PLF is not None or not is_joint_topk(tc),
             "local_forward: joint TopK features cannot respond layer by layer; pass acts_PLF")
-    W = tc.masked_W_dec()[0]
     acts, pre = {}, {}
     hooks = _frozen_hooks(ctx, 1) + [(EMBED_HOOK, lambda v, hook: ctx.resid0_PD[None])]
 
@@ -175,8 +174,9 @@ def local_forward(model, tc: Transcoder, window: LayerWindow, ctx: LocalReplacem
     def write(ell, m):
         def hook(value, hook):
             y = tc.b_dec[0, ell] + ctx.error_MPD[m]
-            for s in range(ell + 1):
-                y = y + acts[s] @ W[s, ell]
+            for s in range(ell + 1):  # only the blocks that exist (a PLT: s = ell)
+                if ell in tc.targets(s, 0):
+                    y = y + acts[s] @ tc.decoder_block(s, ell)[0]
             if tc.W_skip is not None:
                 y = y + _skip(tc, ctx_x[ell], ell)
             return y[None]
@@ -274,7 +274,6 @@ class _Sources:
         order = torch.argsort((layer * P + pos) * F + feat)  # by layer, position, feature
         pos, layer, feat = pos[order], layer[order], feat[order]
         act = acts_PLF[pos, layer, feat]
-        W = tc.masked_W_dec()[0].detach()
         groups = []
         for s in range(L):
             cols = (layer == s).nonzero()[:, 0]
@@ -284,8 +283,10 @@ class _Sources:
             p_s, f_s = pos[cols], feat[cols]
             first = torch.searchsorted(p_s, p_s)  # sorted by position: rank within it
             slot = torch.arange(len(cols)) - first
-            dec = torch.zeros(P, int(slot.max()) + 1, len(targets) * W.shape[-1])
-            rows_TnD = W[s][targets][:, f_s] * act[cols, None]
+            W_FTD = tc.decoder_from(s)[0].detach()  # this source's blocks only
+            stored = [t - s for t in targets]
+            dec = torch.zeros(P, int(slot.max()) + 1, len(targets) * W_FTD.shape[-1])
+            rows_TnD = W_FTD[f_s][:, stored].transpose(0, 1) * act[cols, None]
             dec[p_s, slot] = rows_TnD.transpose(0, 1).flatten(1)
             groups.append((targets, cols, p_s, slot, dec))
         return cls(layer, pos, feat, act, groups)

@@ -8,6 +8,12 @@ and both times per step. On one shared CPU the ranks compete for the same cores,
 per-step time says little about speed-up there; the Δ is the point.
 
     .venv/bin/python benchmarks/bench_ddp.py [--ranks 2] [--steps 50] [--d-model 64]
+
+``--cli`` does the same end to end through the installed command instead, as docs/scale.md
+tells users to run it: ``torchrun --standalone --nproc-per-node N --no-python clt-eval train``
+on the default case study against plain ``clt-eval train``, and prints both wall times
+(interpreter start-up, case study and evaluation included) and the largest |Δ weight|
+between the saved transcoders.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ def parse(argv=None):
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-features", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cli", action="store_true", help="time `clt-eval train` end to end")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # output folder of a rank
     return p.parse_args(argv)
 
@@ -67,10 +74,44 @@ def worker(args) -> None:
     dist_.shutdown()
 
 
+def cli(args) -> None:
+    """``clt-eval train`` under torchrun and in one process: wall times and |Δ weight|."""
+    from pathlib import Path
+
+    from clt_eval.io import load_transcoder
+
+    bin_ = Path(sys.executable).parent
+    cmd = [str(bin_ / "clt-eval"), "train", "--steps", str(args.steps), "--batch-size",
+           str(args.batch_size), "--n-features", str(args.n_features), "--wandb-mode",
+           "disabled", "--device", args.device]
+    launch = [str(bin_ / "torchrun"), "--standalone", "--nproc-per-node", str(args.ranks),
+              "--no-python"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, states = {}, {}
+        for name, prefix in (("ddp", launch), ("single", [])):
+            t0 = time.perf_counter()
+            subprocess.run(prefix + cmd + ["--out", f"{tmp}/{name}"], check=True, env=env,
+                           capture_output=True)
+            seconds[name] = time.perf_counter() - t0
+            (folder,) = Path(tmp, name, "transcoders").iterdir()
+            states[name] = load_transcoder(folder).state_dict()
+    delta = max(float((states["single"][k].double() - states["ddp"][k].double()).abs().max())
+                for k in states["single"])
+    print(f"clt-eval train, default case study, {args.steps} steps, global batch "
+          f"{args.batch_size}, {args.n_features} features")
+    print(f"1 process        : {seconds['single']:6.1f} s wall")
+    print(f"{args.ranks} ranks (torchrun): {seconds['ddp']:6.1f} s wall")
+    print(f"max |Δ weight|   : {delta:.3g}  (float rounding; the test asserts <= 1e-5)")
+
+
 def main() -> None:
     args = parse()
     if args.worker:
         worker(args)
+        return
+    if args.cli:
+        cli(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

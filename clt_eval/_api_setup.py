@@ -54,7 +54,8 @@ def compute(threads: Threads, device: str | None = None,
     if dtype is not None:
         resolve_dtype(dtype)
     before = torch.get_num_threads()
-    torch.set_num_threads(auto_threads() if threads == "auto" else threads)
+    torch.set_num_threads(max(1, auto_threads() // _ranks_here()) if threads == "auto"
+                          else threads)
     try:
         yield
     finally:
@@ -148,3 +149,29 @@ def sweep_data(given: dict) -> tuple[dict, Path, bool]:
     return data, path, bool(block)
 
 
+def _ranks_here() -> int:
+    """Processes of one data-parallel job on this machine: "auto" shares the cores among them
+    rather than giving each all of them (oversubscribed cores slow every rank down)."""
+    from clt_eval.training import distributed
+
+    return distributed.local_world_size()
+
+
+def check_toy_batch(case_study: str, batch_size: int) -> None:
+    """One line unless the data-parallel ranks can split `train`'s global batch on
+    ``case_study`` evenly: ``batch_size`` rows, or the whole data set when it is 0 or at
+    least the data set's size (every step then trains on all of it)."""
+    from clt_eval.case_study import load_case_study
+    from clt_eval.training import distributed
+
+    if distributed.world_size() == 1:
+        return  # nothing to split: no need to load the case study here
+    n = len(load_case_study(case_study).inputs())
+    if 0 < batch_size < n:
+        distributed.check_divisible(batch_size)
+        return
+    world = distributed.world_size()
+    require(n % world == 0,
+            f"batch_size={batch_size}: the whole data set of case study {case_study!r} "
+            f"({n} rows) each step, not divisible by the world size {world} (ranks); "
+            f"expected a batch_size below {n} that is a multiple of {world}")

@@ -89,42 +89,68 @@ def train(case_study: str = "boolean_two_step", out: str | Path = "runs/train",
     The other keywords are the fields of ``RunSpec`` shared by every run and those of
     ``TrainConfig``. Writes ``out/results.json`` and ``out/transcoders/<run_id>/``; returns
     ``{"results": path of results.json, "runs": its run records}``.
+
+    Started by ``torchrun``, every process calls this: each trains on its rows of every
+    global batch of ``batch_size`` (which the number of ranks must divide), rank 0 alone
+    writes, and every rank returns rank 0's records (docs/scale.md).
     """
     given = dict(locals())
     import json
 
-    from clt_eval.training import preflight
+    from clt_eval.training import distributed, preflight
     from clt_eval.training.config import TrainConfig
 
     specs = train_specs(given)
     # Every TrainConfig field is a keyword here (tests/test_api.py checks the signature
     # against the command's options).
     train_cfg = TrainConfig(**{f: given[f] for f in TrainConfig.__dataclass_fields__})
-    preflight.check_output(out, "train")
-    if model is not None:
-        path = _train_lm(given, specs, train_cfg)
-    else:
-        from clt_eval.training.runs import train_grid
+    if not distributed.launched():  # under torchrun rank 0 alone checks it, when it locks it
+        preflight.check_output(out, "train")
+    # Under torchrun: join the other ranks (each trains on its rows of every global batch,
+    # rank 0 alone writes); a no-op in a single process.
+    distributed.init_from_env(device)
+    try:
+        if not distributed.is_main():
+            given["wandb_mode"] = "disabled"  # one wandb run per job, logged by rank 0
+        path = _train_lm(given, specs, train_cfg) if model is not None else \
+            _train_toy(given, specs, train_cfg)
+        records = json.loads(Path(path).read_text())["runs"]
+    finally:
+        distributed.shutdown()
+    return {"results": path, "runs": records}
 
-        with compute(threads, device, dtype):
-            disk = preflight.check_grid_memory(case_study, specs, train_cfg.batch_size,
-                                               what="train", device=train_cfg.device)
-            with preflight.job_output(out, "train", disk) as folder:
-                path = train_grid(case_study, specs, train_cfg, folder, wandb_mode)
-    return {"results": path, "runs": json.loads(Path(path).read_text())["runs"]}
+
+def _train_toy(given: dict, specs: list, train_cfg) -> Path:
+    from clt_eval._api_setup import check_toy_batch
+    from clt_eval.training import distributed, preflight
+    from clt_eval.training.runs import train_grid
+
+    def output():
+        preflight.check_output(given["out"], "train")
+        disk = preflight.check_grid_memory(given["case_study"], specs, train_cfg.batch_size,
+                                           what="train", device=train_cfg.device)
+        return preflight.job_output(given["out"], "train", disk)
+
+    with compute(given["threads"], given["device"], given["dtype"]):
+        check_toy_batch(given["case_study"], train_cfg.batch_size)
+        with distributed.main_opens(output) as folder:
+            return train_grid(given["case_study"], specs, train_cfg, folder,
+                              given["wandb_mode"])
 
 
 def _train_lm(given: dict, specs: list, train_cfg) -> Path:
-    from clt_eval.training import preflight
-    from clt_eval.training.lm_train import LMDataConfig, train_on_model
+    from clt_eval.training import distributed, preflight
+    from clt_eval.training.lm_train import DEFAULT_LM_BATCH, LMDataConfig, train_on_model
 
     if given["layers"] is None:
         raise CltEvalError("--layers: required with --model; expected model layer indices")
     extra = {k: given[k] for k in LM_FIELDS if given[k] is not None}
     data = LMDataConfig(model=given["model"], layers=tuple(given["layers"]),
                         corpus=given["corpus"], **extra)
+    distributed.check_divisible(train_cfg.batch_size or DEFAULT_LM_BATCH)
     with compute(given["threads"], given["device"], given["dtype"]):
-        with preflight.job_output(given["out"], "train") as folder:
+        with distributed.main_opens(lambda: preflight.job_output(given["out"], "train")) \
+                as folder:
             return train_on_model(data, specs, train_cfg, folder, given["wandb_mode"])
 
 

@@ -195,3 +195,151 @@ def test_malformed_launcher_environment_is_one_line(monkeypatch):
     with pytest.raises(CltEvalError, match=r"environment RANK='first': expected an integer"):
         dist_.init_from_env()
     assert not dist_.initialized()
+
+
+# ---- `clt-eval train` as a data-parallel job ---------------------------------------------------
+# A tiny grid point of the default case study: 50 steps on global batches of 8 rows.
+TRAIN_ARGS = {"steps": 50, "batch_size": 8, "n_features": 8, "wandb_mode": "disabled",
+              "device": "cpu", "threads": 1}
+
+
+def _api_rank(r: int, folder: str, ports: tuple[int, int, int]) -> None:
+    """Rank ``r`` of 2 calling ``clt_eval.api.train``: with a global batch 2 ranks cannot
+    split and with a file as the output folder (one-line errors on both, nobody left waiting),
+    then the real job; notes what it saw in ``folder``."""
+    import json
+
+    from clt_eval import api
+
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    seen = {}
+    os.environ["MASTER_PORT"] = str(ports[0])
+    try:
+        api.train(out=f"{folder}/odd", **TRAIN_ARGS | {"batch_size": 7})
+    except CltEvalError as exc:
+        seen["error"] = str(exc)
+    os.environ["MASTER_PORT"] = str(ports[1])
+    try:  # only rank 0 inspects the folder: the others get its error
+        api.train(out=f"{folder}/a-file", **TRAIN_ARGS)
+    except CltEvalError as exc:
+        seen["folder_error"] = str(exc)
+    os.environ["MASTER_PORT"] = str(ports[2])
+    res = api.train(out=f"{folder}/ddp", **TRAIN_ARGS)
+    seen |= {"results": str(res["results"]), "runs": res["runs"],
+             "initialised_after": dist_.initialized()}
+    with open(f"{folder}/rank{r}.json", "w") as f:
+        json.dump(seen, f)
+
+
+def _transcoder_diff(a, b) -> float:
+    from clt_eval.io import load_transcoder
+
+    (da,), (db,) = list(a.glob("transcoders/*")), list(b.glob("transcoders/*"))
+    return _max_diff(load_transcoder(da).state_dict(), load_transcoder(db).state_dict())
+
+
+def test_api_train_on_two_forked_ranks_equals_one_process(tmp_path):
+    """``clt_eval.api.train`` under 2 gloo ranks (what `torchrun ... clt-eval train` runs):
+    the weights of one process on the same global batches, one results.json, no lock left,
+    and a batch the ranks cannot split refused on every rank before anything is written."""
+    import json
+
+    from clt_eval import api
+
+    single = api.train(out=tmp_path / "single", **TRAIN_ARGS)  # imports done before the fork
+    (tmp_path / "a-file").write_text("in the way")
+    ports = (_free_port(), _free_port(), _free_port())
+    mp.start_processes(_api_rank, args=(str(tmp_path), ports), nprocs=2, start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["error"] == ("batch_size=7: not divisible by the world size 2 (ranks); "
+                                 "expected a multiple of 2")
+        assert "a-file" in seen["folder_error"]
+        assert seen["folder_error"] == ranks[0]["folder_error"]
+        assert not seen["initialised_after"]  # the process group is torn down at the end
+        assert seen["runs"] == ranks[0]["runs"]  # every rank returns rank 0's records
+    assert not (tmp_path / "odd").exists()
+    assert (tmp_path / "a-file").read_text() == "in the way"
+    ddp = tmp_path / "ddp"
+    assert _transcoder_diff(ddp, tmp_path / "single") <= 1e-5
+    got, want = ranks[0]["runs"][0]["metrics"], single["runs"][0]["metrics"]
+    assert got["final_loss"] == pytest.approx(want["final_loss"], rel=1e-5)  # global, not rank 0's
+    assert got["nmse"] == pytest.approx(want["nmse"], rel=1e-4)
+    assert sorted(p.name for p in ddp.iterdir()) == [".clt-eval-job.json", "results.json",
+                                                     "transcoders"]  # no lock, no wandb files
+
+
+@pytest.mark.slow
+def test_torchrun_clt_eval_train_equals_one_process(tmp_path):
+    """The promise of docs/scale.md, through the real launcher and the installed command:
+    ``torchrun --standalone --nproc-per-node 2 --no-python clt-eval train`` (a minute on 2
+    cores, most of it three interpreters importing torch)."""
+    from pathlib import Path
+
+    bin_ = Path(sys.executable).parent
+    cli = [str(bin_ / "clt-eval"), "train", "--steps", "50", "--batch-size", "8",
+           "--n-features", "8", "--wandb-mode", "disabled", "--device", "cpu"]
+    torchrun = [str(bin_ / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+    def launch(cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=tmp_path)
+
+    ddp = launch(torchrun + cli + ["--out", "OUT1"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = launch(cli + ["--out", "OUT2"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _transcoder_diff(tmp_path / "OUT1", tmp_path / "OUT2") <= 1e-5
+    assert sorted(p.name for p in (tmp_path / "OUT1").iterdir()) == [
+        ".clt-eval-job.json", "results.json", "transcoders"]  # written once, lock gone
+    # A global batch 2 ranks cannot split: every rank says so in one line and exits 2 before
+    # writing anything (torchrun itself then reports the failed ranks and exits 1).
+    odd_cli = cli[:cli.index("--batch-size") + 1] + ["7"] + cli[cli.index("--batch-size") + 2:]
+    odd = launch(torchrun + odd_cli + ["--out", "OUT3"])
+    assert odd.returncode != 0
+    assert odd.stdout.count("clt-eval: error: batch_size=7: not divisible by the world "
+                            "size 2") + odd.stderr.count("clt-eval: error: batch_size=7") == 2
+    assert "exitcode  : 2" in odd.stderr
+    assert not (tmp_path / "OUT3").exists()
+
+
+# A tiny random language model on a short corpus: 192 training tokens, global batches of 32.
+LM_TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps. " * 40
+LM_ARGS = {"model": "tiny", "layers": [1, 2], "n_tokens": 6 * 32, "eval_tokens": 2 * 32,
+           "n_ctx": 32, "steps": 20, "batch_size": 32, "n_features": 16,
+           "sparsity_coef": 1e-4, "wandb_mode": "disabled", "device": "cpu", "threads": 1}
+
+
+def _api_lm_rank(r: int, folder: str, port: int) -> None:
+    """Rank ``r`` of 2 training on the tiny model, each with a fresh activation cache to
+    build: rank 0 fills it, rank 1 reads it."""
+    import json
+
+    from clt_eval import api
+
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    res = api.train(out=f"{folder}/ddp", corpus=f"{folder}/c.txt",
+                    cache_dir=f"{folder}/ddp-cache", **LM_ARGS)
+    with open(f"{folder}/rank{r}.json", "w") as f:
+        json.dump(res["runs"], f)
+
+
+def test_api_train_on_a_language_model_on_two_forked_ranks(tmp_path):
+    import json
+
+    from clt_eval import api
+
+    (tmp_path / "c.txt").write_text(LM_TEXT)
+    single = api.train(out=tmp_path / "single", corpus=str(tmp_path / "c.txt"),
+                       cache_dir=str(tmp_path / "cache"), **LM_ARGS)
+    mp.start_processes(_api_lm_rank, args=(str(tmp_path), _free_port()), nprocs=2,
+                       start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert _transcoder_diff(tmp_path / "ddp", tmp_path / "single") <= 1e-5
+    got, want = ranks[0][0]["metrics"], single["runs"][0]["metrics"]
+    for key in ("final_loss", "final_train_mse", "nmse", "l0_total"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert not list((tmp_path / "ddp").glob("*.lock*"))

@@ -438,8 +438,11 @@ def _train(args) -> int:
     from clt_eval import api
 
     res = api.train(**api.arguments_for(api.train, args))
-    on = "" if args.model is None else f" on {args.model} layers {list(args.layers)}"
-    print(f"trained {len(res['runs'])} runs{on}; wrote {res['results']}")
+    from clt_eval.training import distributed
+
+    if distributed.is_main():  # under torchrun, one line for the job, not one per rank
+        on = "" if args.model is None else f" on {args.model} layers {list(args.layers)}"
+        print(f"trained {len(res['runs'])} runs{on}; wrote {res['results']}")
     return 0
 
 

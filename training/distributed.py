@@ -21,16 +21,19 @@ no-op for a single process: rank 0 of 1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from clt_eval.errors import CltEvalError, require
 
+T = TypeVar("T")
 # Keys of the string metadata a checkpoint records about the run's data-parallel layout.
 META_WORLD_SIZE = "dist.world_size"
 META_GLOBAL_BATCH = "dist.global_batch"
@@ -101,6 +104,75 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def local_world_size() -> int:
+    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE): they share its CPU cores."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, int(value)) if launched() and value.isdigit() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op on one process): e.g. until rank 0 has written a file the
+    others read."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself on one process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, then on the other ranks: for work that fills a shared cache (e.g.
+    activations collected from a model), which the others then read instead of writing it
+    at the same time. A one-line error on rank 0 is raised on every rank."""
+    if world_size() == 1:
+        return fn()
+    error = None
+    if is_main():
+        try:
+            value = fn()
+        except Exception as exc:  # told to the others first, then raised here as it is
+            broadcast_object(str(exc) if isinstance(exc, CltEvalError) else f"rank 0: {exc!r}")
+            raise
+    error = broadcast_object(error)
+    if error is not None:
+        raise CltEvalError(error)
+    return value if is_main() else fn()
+
+
+@contextlib.contextmanager
+def main_opens(opener: Callable[[], contextlib.AbstractContextManager]) -> Iterator:
+    """Enter ``opener()`` (e.g. an output folder's job lock) on rank 0 only, and give every
+    rank what it yields. The other ranks wait until rank 0 holds it; a one-line error rank 0
+    hits on the way is raised on every rank, so none is left waiting for the others. After
+    the body, rank 0 leaves the context first and then every rank meets again, so the files
+    it wrote are whole when any rank reads them."""
+    if world_size() == 1:
+        with opener() as value:
+            yield value
+        return
+    with contextlib.ExitStack() as stack:
+        value, error, failure = None, None, None
+        if is_main():
+            try:
+                value = stack.enter_context(opener())
+            except Exception as exc:  # told to the others first, then raised here as it is
+                failure = exc
+                error = str(exc) if isinstance(exc, CltEvalError) else f"rank 0: {exc!r}"
+        value, error = broadcast_object((value, error))
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise CltEvalError(error)
+        yield value
+    barrier()
+
+
 # ---- splitting the global batch -----------------------------------------------------------
 def check_divisible(global_batch: int, world: int | None = None,
                     field: str = "batch_size") -> None:
@@ -126,6 +198,9 @@ def local_batches(batches: Iterable, rank_: int | None = None,
                   world: int | None = None) -> Iterator:
     """This rank's slice of each global batch (tuples of tensors with samples on axis 0, or
     axis 1 for per-run [R,B,L,D] batches). Every rank must iterate the same global stream."""
+    if (world_size() if world is None else world) == 1:
+        yield from batches  # the whole batch: no views to make
+        return
     for batch in batches:
         yield tuple(_slice_samples(t, rank_, world) for t in batch)
 

@@ -20,6 +20,7 @@ from clt_eval.device import resolve_device
 from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
+from clt_eval.training import distributed
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
 from clt_eval.transcoder import Transcoder
@@ -96,11 +97,14 @@ def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, p
     init_b_dec(tc, y)
     coefs = torch.tensor([s.sparsity_coef for s in specs])
     device = resolve_device(train_cfg.device, "device")
-    # The data set moves to the training device once, not a batch at a time.
-    batches = full_batches(x.to(device), y.to(device), train_cfg.batch_size,
-                           seed=[s.seed for s in specs])
+    # The data set moves to the training device once, not a batch at a time. Every rank of a
+    # data-parallel job draws the same global batches and trains on its own rows of each.
+    batches = distributed.local_batches(full_batches(x.to(device), y.to(device),
+                                                     train_cfg.batch_size,
+                                                     seed=[s.seed for s in specs]))
     final = train(tc, [s.loss_config() for s in specs], coefs, batches, train_cfg, logger,
                   progress, checkpoint, run_names=[run_id(s) for s in specs])
+    final["loss"] = distributed.mean_over_ranks(final["loss"])  # each rank's is its rows'
     metrics = _evaluate_finite(case, model, tc, specs, x, final)
     return EnsembleResult(specs, tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)])
 

@@ -268,6 +268,7 @@ def train_group(specs: list[RunSpec], lm: LMData, train_cfg: TrainConfig, logger
     write the model's raw activations."""
     import torch
 
+    from clt_eval.training import distributed
     from clt_eval.training.experiment import record, run_id
     from clt_eval.training.trainer import init_b_dec, train
     from clt_eval.transcoder import Transcoder
@@ -280,10 +281,15 @@ def train_group(specs: list[RunSpec], lm: LMData, train_cfg: TrainConfig, logger
     x.mul_(s_x[:, None])  # in place: collect() returned fresh tensors, and a copy would
     y.mul_(s_y[:, None])  # double the memory the training set takes
     init_b_dec(tc, y)
-    batches = StepBatches(x, y, lm.train.batch_size, [s.seed for s in specs])
+    # Scales and b_dec above read the whole training set, the same on every rank; each rank
+    # of a data-parallel job then trains on its own rows of every global batch.
+    batches = distributed.local_batches(
+        StepBatches(x, y, lm.train.batch_size, [s.seed for s in specs]))
     coefs = torch.tensor([s.sparsity_coef for s in specs])
     final = train(tc, [s.loss_config() for s in specs], coefs, batches, train_cfg, logger,
                   progress, checkpoint, run_names=[run_id(s) for s in specs])
+    for key in ("loss", "mse"):  # each rank's are its own rows': their mean is the batch's
+        final[key] = distributed.mean_over_ranks(final[key])
     fold_scales(tc, s_x, s_y)
     metrics = _evaluate_finite(tc, lm, final, s_x, s_y)
     return tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)]
@@ -318,7 +324,8 @@ def train_on_model(data: LMDataConfig, specs: list[RunSpec], train_cfg: TrainCon
     from tqdm.auto import tqdm
 
     from clt_eval.atomic import nan_to_none, write_json_atomic
-    from clt_eval.training.checkpoint import stop_gracefully
+    from clt_eval.training import distributed
+    from clt_eval.training.checkpoint import is_main, stop_gracefully
     from clt_eval.training.experiment import check_unique, group_specs
     from clt_eval.training.wandb_logger import WandbLogger
 
@@ -326,19 +333,36 @@ def train_on_model(data: LMDataConfig, specs: list[RunSpec], train_cfg: TrainCon
     check_choice("wandb_mode", wandb_mode, WANDB_MODES)
     check_unique(specs)
     require(not out.exists() or out.is_dir(), f"out={str(out)!r}: exists and is not a folder")
-    lm = prepare(data, train_cfg.batch_size or DEFAULT_LM_BATCH, model)  # fails before writing
+    # Fails before writing. Data-parallel ranks read the activation caches rank 0 has filled.
+    lm = distributed.main_first(lambda: _prepare_shared(data, train_cfg, model))
     logger = WandbLogger(wandb_mode, group=f"lm-{out.name}", root=out)
     groups = group_specs(specs)
     records: list[dict] = []
     active: list = [None]
-    with tqdm(total=len(groups) * train_cfg.steps, desc="training", unit="step") as bar, \
-            stop_gracefully(lambda: active[0]):
+    with tqdm(total=len(groups) * train_cfg.steps, desc="training", unit="step",
+              disable=not is_main()) as bar, stop_gracefully(lambda: active[0]):
         for group in groups:
             records += _group_records(group, lm, data, train_cfg, logger, bar, out, active)
+    if not is_main():  # data-parallel replicas hold the same records: rank 0 writes them
+        return out / "results.json"
     return write_json_atomic(out / "results.json", nan_to_none({
         "model": data.model, "window": lm.window.to_dict(), "data": data.to_dict(),
         "n_train_tokens": lm.train.n_tokens, "n_eval_tokens": lm.eval.n_tokens,
         "train": asdict(train_cfg), "runs": records}))
+
+
+def _prepare_shared(data: LMDataConfig, train_cfg: TrainConfig, model) -> LMData:
+    """``prepare``; with data-parallel ranks, also the train and eval activation caches
+    built at once (on rank 0, by ``main_first``): built on first use instead, the ranks would
+    all write the same cache folders at the same time."""
+    from clt_eval.training import distributed
+
+    lm = prepare(data, train_cfg.batch_size or DEFAULT_LM_BATCH, model)
+    if distributed.world_size() > 1:
+        for source in (lm.train, lm.eval):
+            if source.cache_dir is not None:
+                source.ensure_cache()
+    return lm
 
 
 def _group_key(group: list[RunSpec], data: LMDataConfig, train_cfg: TrainConfig) -> str:
@@ -356,7 +380,7 @@ def _group_records(group, lm, data, train_cfg, logger, bar, out: Path, active: l
     """The records of one ensemble: read back if it finished before, else trained (resuming
     from its checkpoint), saved and written to ``out/groups/<key>.json``."""
     from clt_eval.atomic import nan_to_none, write_json_atomic
-    from clt_eval.training.checkpoint import Checkpoint
+    from clt_eval.training.checkpoint import Checkpoint, is_main
 
     key = _group_key(group, data, train_cfg)
     done = out / "groups" / f"{key}.json"
@@ -365,7 +389,8 @@ def _group_records(group, lm, data, train_cfg, logger, bar, out: Path, active: l
         return json.loads(done.read_text())["runs"]
     active[0] = Checkpoint(out / "checkpoints" / f"{key}.safetensors", CHECKPOINT_EVERY)
     records = _train_log_save(group, lm, data, train_cfg, logger, bar, out, active[0])
-    write_json_atomic(done, nan_to_none({"runs": records}))
+    if is_main():
+        write_json_atomic(done, nan_to_none({"runs": records}))
     active[0].remove()
     stop = active[0].stop_requested
     active[0] = None
@@ -380,6 +405,7 @@ def _train_log_save(group, lm: LMData, data: LMDataConfig, train_cfg, logger, ba
     MSE, sparsity and L0); then each member that did not diverge saved with its window and
     metadata."""
     from clt_eval.io import save_transcoder
+    from clt_eval.training.checkpoint import is_main
     from clt_eval.training.experiment import flat_record, run_id
 
     ids = [run_id(s) for s in group]
@@ -398,6 +424,8 @@ def _train_log_save(group, lm: LMData, data: LMDataConfig, train_cfg, logger, ba
     logger.finish_runs([flat_record(r) for r in records])
     for i, (spec, rid) in enumerate(zip(group, ids, strict=True)):
         m = records[i]["metrics"]
+        if not is_main():
+            continue  # data-parallel replicas hold the same weights: rank 0 saves them
         if m["diverged"] is not None:
             continue  # a diverged run's weights are no result: nothing is saved for it
         save_transcoder(tc.select([i]), out / "transcoders" / rid,

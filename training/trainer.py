@@ -127,6 +127,8 @@ def _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint) ->
             l0 = row_sum((out.acts_RBLF > 0).float().reshape(R * B, -1)).view(R, B)
             last = {"loss": parts.total_R.detach().float(), "mse": parts.mse_R.float(),
                     "sparsity": parts.sparsity_R.float(), "l0": row_mean(l0)}
+            # data parallel: the values of the global batch, not of this rank's rows
+            last = {k: distributed.mean_over_ranks(v) for k, v in last.items()}
             if logger is not None:
                 logger(step, last)
         if checkpoint is not None and checkpoint.stop_requested:

@@ -218,7 +218,15 @@ def test_device_and_dtype_names():
     assert 1 <= auto_threads() <= min(32, len(os.sched_getaffinity(0)))
 
 
-def test_threads_come_from_the_option_and_are_given_back(tmp_path, capsys):
+def test_auto_threads_leave_the_cores_other_jobs_keep_busy(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    quiet = auto_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count()), 0.0, 0.0))
+    assert auto_threads() == 1 <= quiet
+
+
+def test_threads_come_from_the_option_and_are_given_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the same auto count twice
 
     import torch
 

@@ -34,6 +34,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LAMBDAS = {"l1": (0.03, 0.3, 3.0), "tanh": (0.01, 0.1, 1.0)}
 
 
+def _largest_difference(a, b) -> float:
+    """max |a - b| over two one-run transcoders' tensors, which must have the same layout
+    (``select`` stores a run as it is stored alone: a PLT keeps only its own-layer blocks)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), (sa.keys(), sb.keys())
+    diffs = [0.0]
+    for n, t in sa.items():
+        assert t.shape == sb[n].shape, (n, t.shape, sb[n].shape)
+        if t.is_floating_point():
+            diffs.append(float((t - sb[n]).abs().max()))
+    return max(diffs)
+
+
 def grid():
     from clt_eval.training.config import RunSpec
 
@@ -86,9 +99,8 @@ def main() -> None:
         ens, t_ens = fit(specs, exact)
         singles = [fit([specs[i]], exact) for i in sample]
         t_one = sum(t for _, t in singles) / len(singles)
-        diff = max(float((t[i] - one.state_dict()[n][0]).abs().max())
-                   for i, (one, _) in zip(sample, singles, strict=True)
-                   for n, t in ens.state_dict().items() if t.is_floating_point())
+        diff = max(_largest_difference(ens.select([i]), one)
+                   for i, (one, _) in zip(sample, singles, strict=True))
         print(f"{mode:6} {t_ens * 1e3:17.2f} {t_one * 1e3:16.2f} "
               f"{t_one * len(specs) / t_ens:12.1f}x {diff:30.3g}")
     if args.reproduce:

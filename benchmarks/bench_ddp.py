@@ -120,7 +120,7 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
         t_launch = time.perf_counter() - t0
-        ddp = torch.load(f"{tmp}/rank0.pt")
+        ddp = torch.load(f"{tmp}/rank0.pt", weights_only=True)
     torch.set_num_threads(1)
     single, per_step = train(args)
     delta = max(float((single[k].double() - ddp["state"][k].double()).abs().max())

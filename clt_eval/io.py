@@ -147,12 +147,17 @@ def _read_config(folder: Path) -> dict:
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _open_weights(weights_path: Path):
-    require(weights_path.is_file(), f"{weights_path}: missing; expected the transcoder weights")
+def open_safetensors(path: Path, what: str = "a safetensors file"):
+    """A memory-mapped reader of ``path``, or one line saying why it cannot be read."""
+    require(path.is_file(), f"{path}: missing; expected {what}")
     try:
-        return safetensors.safe_open(str(weights_path), framework="pt")
+        return safetensors.safe_open(str(path), framework="pt")
     except (OSError, safetensors.SafetensorError) as exc:
-        raise CltEvalError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        raise CltEvalError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _open_weights(weights_path: Path):
+    return open_safetensors(weights_path, "the transcoder weights")
 
 
 def _check_header(f, weights_path: Path, cfg: TranscoderConfig) -> dict[str, list[int]]:

@@ -2,7 +2,6 @@
 on the same global batches (up to float rounding), and the layout checks are one line."""
 
 import importlib
-import inspect
 import os
 import socket
 import subprocess
@@ -88,10 +87,8 @@ def worker(tmp_path_factory):
         sys.modules.pop("ddp_worker", None)
 
 
-def _trainer_hooked() -> bool:
-    from clt_eval.training import trainer
-
-    return "sync_grads" in inspect.getsource(trainer)
+def _rank_results(folder) -> list[dict]:
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def _forked_rank(r: int, out: str, port: int, trainer: bool) -> None:
@@ -119,33 +116,27 @@ def _check(single: dict, rank0: dict, rank1: dict, init: dict) -> None:
 
 def test_two_forked_ranks_train_what_one_process_trains(worker, tmp_path):
     """Two gloo ranks forked from this process (no interpreter start-up: seconds)."""
-    hooked = _trainer_hooked()
     # The single process first: its one-off lazy imports (Adam's first step: seconds) are
     # then done before the fork, and the ranks inherit them.
-    single = {"loop": worker.train_loop()} | ({"trainer": worker.train_trainer()} if hooked
-                                              else {})
-    mp.start_processes(_forked_rank, args=(str(tmp_path), _free_port(), hooked), nprocs=2,
+    single = {"loop": worker.train_loop(), "trainer": worker.train_trainer()}
+    mp.start_processes(_forked_rank, args=(str(tmp_path), _free_port(), True), nprocs=2,
                        start_method="fork")
     init = worker.Transcoder([worker.CFG], seeds=[3]).state_dict()
-    _check(single, *(torch.load(tmp_path / f"rank{r}.pt") for r in range(2)), init)
-    if not hooked:
-        pytest.skip("checked the minimal loop only: the trainer does not call sync_grads yet")
+    _check(single, *_rank_results(tmp_path), init)
 
 
 @pytest.mark.slow
 def test_two_torchrun_ranks_train_what_one_process_trains(worker, tmp_path):
     """The real launcher: ``torchrun --standalone --nproc-per-node 2`` (a minute on 2 cores,
     most of it three interpreters importing torch)."""
-    hooked = _trainer_hooked()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-              "2", worker.__file__, str(tmp_path), str(int(hooked))]
+              "2", worker.__file__, str(tmp_path), "1"]
     res = subprocess.run(launch, capture_output=True, text=True, timeout=300,
                          env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    single = {"loop": worker.train_loop()} | ({"trainer": worker.train_trainer()} if hooked
-                                              else {})
+    single = {"loop": worker.train_loop(), "trainer": worker.train_trainer()}
     init = worker.Transcoder([worker.CFG], seeds=[3]).state_dict()
-    _check(single, *(torch.load(tmp_path / f"rank{r}.pt") for r in range(2)), init)
+    _check(single, *_rank_results(tmp_path), init)
 
 
 # ---- single-process behaviour and checks -------------------------------------------------------

@@ -92,8 +92,9 @@ def test_api_page_names_every_function():
 
 def test_no_reference_to_documents_outside_the_repository():
     """Explanations live in the repository: no pointer to a guide that is not shipped."""
-    offenders = [str(p.relative_to(ROOT)) for p, text in _repo_texts().items()
-                 if p.name != "test_docs.py" and "GUIDE" in text]
+    # The name is spelled in two parts so that this file does not match itself.
+    name = "GUI" + "DE"
+    offenders = [str(p.relative_to(ROOT)) for p, text in _repo_texts().items() if name in text]
     assert offenders == []
 
 

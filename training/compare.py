@@ -29,7 +29,7 @@ DEFAULT_PROMPTS = Path(__file__).parent / "specs" / "compare_prompts.json"
 NAMES = ("plt", "clt")  # the two transcoders, in the order compare() takes them
 PROMPT_KEYS = ("text", "answer", "target", "patch_from")
 # Finished prompts, one JSON line each, so a rerun into the same folder skips them; and the
-# graphs drawn for the first prompt of each group (pickled: they are only redrawn).
+# graphs drawn for the first prompt of each group (graph JSON: they are only redrawn).
 RECORDS = "prompt_records.jsonl"
 # Pruning ranks only feature and error nodes for the node threshold, so the inputs
 # (embeddings, and the out-of-window error nodes window_prune counts as inputs) always stay.
@@ -381,7 +381,8 @@ class PromptStore:
     """Finished prompts of one compare job: ``out/prompt_records.jsonl``, one line per prompt
     ({key, index, record}), appended and fsynced as each prompt finishes; a line from another
     job (other key) or cut short by a kill is ignored. Drawn graphs go to
-    ``out/prompt_graphs/<index>.pt`` (written atomically, before the line that names them)."""
+    ``out/prompt_graphs/<key>-<index>.json`` (written atomically, before the line that names
+    them)."""
 
     def __init__(self, out: Path, key: str):
         self.out, self.key = out, key
@@ -403,12 +404,10 @@ class PromptStore:
             return None
         graphs = None
         if row.get("graphs"):
-            import torch
-
             try:
-                graphs = torch.load(self.out / row["graphs"], weights_only=False)
-            except (OSError, EOFError, RuntimeError):
-                return None  # its graphs are gone: compute the prompt again
+                graphs = _read_drawn(self.out / row["graphs"])
+            except (OSError, ValueError, KeyError, CltEvalError):
+                return None  # its graphs are gone or damaged: compute the prompt again
         return row["record"], graphs
 
     def add(self, index: int, record: dict, graphs=None) -> None:
@@ -416,8 +415,8 @@ class PromptStore:
         # NaN stays NaN (Python's json reads back what it writes), as in a fresh record.
         row = {"key": self.key, "index": index, "record": record, "graphs": None}
         if graphs is not None:
-            row["graphs"] = f"{GRAPHS}/{self.key}-{index}.pt"
-            _torch_save_atomic(graphs, self.out / row["graphs"])
+            row["graphs"] = f"{GRAPHS}/{self.key}-{index}.json"
+            _write_drawn(graphs, self.out / row["graphs"])
         with open(self.out / RECORDS, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -425,20 +424,24 @@ class PromptStore:
         self.done[index] = row
 
 
-def _torch_save_atomic(obj, path: Path) -> None:
-    import tempfile
-
-    import torch
+def _write_drawn(drawn: dict, path: Path) -> None:
+    """{name: (graph, influence)} as clt-eval graph JSON (a file of ours, never unpickled)."""
+    from clt_eval.atomic import write_json_atomic
+    from clt_eval.lm.graph import to_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, {name: to_json(g, inf) for name, (g, inf) in drawn.items()})
+
+
+def _read_drawn(path: Path) -> dict:
+    import torch
+
+    from clt_eval.lm.graph import from_json
+
+    data = json.loads(path.read_text())
+    return {name: (from_json(d, str(path)),
+                   torch.tensor([n["influence"] for n in d["nodes"]]))
+            for name, d in data.items()}
 
 
 def _run(model, tcs, window, prepared: list[Prepared], settings: dict, progress: bool,

@@ -21,6 +21,7 @@ import torch
 
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import CltEvalError, require
+from clt_eval.io import open_safetensors
 from clt_eval.lm.window import LayerWindow
 from clt_eval.transcoder import Transcoder
 
@@ -54,11 +55,7 @@ READ_CHUNK_BYTES = 1 << 25
 
 
 def _open(path: Path):
-    require(path.is_file(), f"{path}: missing; expected a safetensors file")
-    try:
-        return safetensors.safe_open(str(path), framework="pt")
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise CltEvalError(f"{path}: not a readable safetensors file ({exc})") from None
+    return open_safetensors(path)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

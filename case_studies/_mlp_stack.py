@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from clt_eval.errors import require
+from clt_eval.transcoder import row_matmul
 
 MLPSpec = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 
@@ -60,7 +61,7 @@ class LinearEmbed(nn.Module):
         self.b_E = _frozen(b_E_D if b_E_D is not None else torch.zeros(W_E_ID.shape[1]))
 
     def forward(self, inputs_NI: torch.Tensor) -> torch.Tensor:
-        return inputs_NI.to(self.W_E) @ self.W_E + self.b_E
+        return row_matmul(inputs_NI.to(self.W_E), self.W_E) + self.b_E
 
 
 def bias_embed(n_inputs: int, d_model: int, bias_dim: int) -> LinearEmbed:
@@ -92,8 +93,8 @@ def forward_mlps(mlps: Sequence[MLPSpec], resid_ND: torch.Tensor):
     Used to build decompositions from a case study's own weights."""
     outs, hidden = [], []
     for W_in, b_in, W_out in mlps:
-        hidden.append((resid_ND @ W_in + (0.0 if b_in is None else b_in)).relu())
-        outs.append(hidden[-1] @ W_out)
+        hidden.append((row_matmul(resid_ND, W_in) + (0.0 if b_in is None else b_in)).relu())
+        outs.append(row_matmul(hidden[-1], W_out))
         resid_ND = resid_ND + outs[-1]  # the next MLP reads everything written so far
     return torch.stack(outs, dim=1), hidden
 
@@ -121,7 +122,8 @@ def _classes():
             self.hook_post = HookPoint()
 
         def forward(self, x_ND):
-            return self.hook_post(self.hook_pre(x_ND @ self.W_in + self.b_in).relu()) @ self.W_out
+            pre = self.hook_pre(row_matmul(x_ND, self.W_in) + self.b_in)
+            return row_matmul(self.hook_post(pre.relu()), self.W_out)
 
     class Block(nn.Module):
         def __init__(self, mlp):
@@ -137,6 +139,10 @@ def _classes():
             return self.hook_resid_post(resid_ND + self.hook_mlp_out(self.mlp(resid_ND)))
 
     class MLPStack(HookedRootModule):
+        # Every product is row_matmul, so a sample's numbers are the same in any batch: the
+        # evaluation may push many runs' samples through the model at once.
+        batch_invariant = True
+
         def __init__(self, mlps, embed):
             super().__init__()
             self.d_model = check_mlps(mlps)

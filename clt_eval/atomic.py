@@ -27,8 +27,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+def write_json_atomic(path: str | Path, data, records: bool = False) -> Path:
+    """Indented JSON; with ``records``, a dict whose list values hold one compact item per
+    line (thousands of run records: readable line by line, and written by the json module's
+    C encoder, which an indented dump cannot use: 20x faster on a sweep's 3 MB)."""
+    text = _record_lines(data) if records else json.dumps(data, indent=2, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
+
+
+def _record_lines(data: dict) -> str:
+    def value(v) -> str:
+        if isinstance(v, list) and v:
+            items = ",\n    ".join(json.dumps(x, allow_nan=False) for x in v)
+            return f"[\n    {items}\n  ]"
+        return json.dumps(v, allow_nan=False)
+
+    body = ",\n".join(f"  {json.dumps(str(k))}: {value(v)}" for k, v in data.items())
+    return f"{{\n{body}\n}}"
 
 
 def nan_to_none(x):

@@ -58,7 +58,8 @@ def evaluate(case, tc, model=None, graph: bool = True) -> list[dict]:
     step's value, ``middle_feature_recovery`` the mean over the middle steps.
 
     A run's metrics are bitwise what it gets evaluated alone, whatever ensemble it is in
-    (metrics.per_run, ``_behaviour_per_run``), unless ``tc.exact`` is False.
+    (metrics.per_run, ``_behaviour_per_run`` unless the model is batch-invariant), unless
+    ``tc.exact`` is False.
     """
     check_fits_case(tc.cfg, case)
     tc.eval()
@@ -74,7 +75,10 @@ def evaluate(case, tc, model=None, graph: bool = True) -> list[dict]:
     mass, share = M.decoder_mass(tc.decoder_block_norms(), out.acts_RBLF)
     per_run["decoder_mass_per_layer"], per_run["cross_layer_share"] = mass, share
     per_run["output_reads_inputs"] = _reads_inputs(case, tc, out, x)
-    behaviour = _behaviour_per_run if tc.exact else _behaviour
+    # A model whose rows never see each other (``batch_invariant``, as the hand-built toys
+    # declare) takes every run's samples in one pass and still gives each run its own numbers.
+    batched = not tc.exact or getattr(model, "batch_invariant", False)
+    behaviour = _behaviour if batched else _behaviour_per_run
     per_run |= behaviour(case, model, tc, inputs, cache["output"])
     if graph:
         per_run |= circuit_scores(case, tc, x, out.acts_RBLF, per_run["matches"])
@@ -158,7 +162,7 @@ def _reads_inputs(case, tc, out, x) -> list[float]:
 
 def _behaviour_per_run(case, model, tc, inputs, true_final) -> dict:
     """``_behaviour`` one run at a time. The replacement model pushes every run's samples
-    through the true model as one batch, and the model's matmuls round a row differently
+    through the true model as one batch, and a model's matmuls may round a row differently
     depending on how many rows they get; one run at a time, a run's numbers are its own.
     It costs one replacement pass per run instead of one per ensemble (measured on the
     Boolean toy, 40 runs: ~10x the batched time, ~0.2 s per run); a transcoder with

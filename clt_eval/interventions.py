@@ -14,6 +14,7 @@ import torch
 from clt_eval.case_study import middle_layers, step_at
 from clt_eval.metrics import span_basis
 from clt_eval.replacement import run_replacement, run_true_model
+from clt_eval.transcoder import row_matmul
 
 
 def projector(dirs_GD: torch.Tensor) -> torch.Tensor:
@@ -22,12 +23,13 @@ def projector(dirs_GD: torch.Tensor) -> torch.Tensor:
     return q @ q.T
 
 
+# row_matmul: a run's samples are edited the same whether other runs' samples come along.
 def _ablate(P):
-    return lambda v: v - v @ P
+    return lambda v: v - row_matmul(v, P)
 
 
 def _patch(P, src_RND):
-    return lambda v: v - v @ P + src_RND @ P
+    return lambda v: v - row_matmul(v, P) + row_matmul(src_RND, P)
 
 
 MAX_PAIRS = 2048  # patch pairs per middle step: all N(N-1) for a truth table, a sample beyond

@@ -119,6 +119,26 @@ def run_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _RunMatmul.apply(a, b)
 
 
+def row_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., K] @ b [K, N] with every row's result depending on that row alone, bitwise,
+    however many rows come with it. A BLAS call blocks its work by the shape of the whole
+    matrix, so a row rounds differently in a batch of 16 and of 1,600; here each row is an
+    elementwise product summed along K (``row_sum``), taken in slices of rows to bound the
+    temporary. Meant for small models (K·N of a few thousand) that many runs share."""
+    K, N = b.shape
+    a_MK = a.reshape(-1, K)
+    if a_MK.shape[0] == 0:
+        return a.new_zeros(*a.shape[:-1], N)
+    # Both factors contiguous with K last, so the product is too and every row is summed
+    # along unit stride (a strided factor can lay the product out K-major for one row only).
+    a_MK, bT = a_MK.contiguous(), b.transpose(0, 1).contiguous()[None]
+    step = max(1, PRODUCT_BUDGET // max(K * N, 1))
+    parts = [row_sum((a_MK[i:i + step, None, :] * bT).contiguous().view(-1, K)).view(-1, N)
+             for i in range(0, a_MK.shape[0], step)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.view(*a.shape[:-1], N)
+
+
 @dataclass
 class TranscoderOutput:
     pre_RBLF: torch.Tensor  # encoder pre-activations z

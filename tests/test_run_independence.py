@@ -12,7 +12,7 @@ import torch
 
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
-from clt_eval.transcoder import Transcoder, row_sum, run_matmul
+from clt_eval.transcoder import Transcoder, row_matmul, row_sum, run_matmul
 
 B, L, D, F = 13, 3, 7, 5
 
@@ -136,3 +136,63 @@ def test_row_sum_of_a_lone_long_row_equals_its_row_in_a_batch():
             assert torch.equal(row_sum(x[r:r + 1].clone())[0], row_sum(x)[r])
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- batch-invariant models --------------------------------------------------------------
+@pytest.mark.parametrize("K,N", [(7, 5), (10, 16), (64, 48)])
+def test_row_matmul_gives_a_row_the_same_bits_in_any_batch(K, N):
+    g = torch.Generator().manual_seed(K)
+    a, b = torch.randn(2000, K, generator=g), torch.randn(K, N, generator=g)
+    ref = row_matmul(a[:1], b)
+    for M in (1, 2, 3, 16, 100, 1344, 2000):
+        out = row_matmul(a[:M], b)
+        assert torch.equal(out[:1], ref), M
+        torch.testing.assert_close(out, a[:M] @ b, rtol=1e-5, atol=1e-5)
+    # a strided factor (the transpose a projector is often read through) changes nothing
+    assert torch.equal(row_matmul(a[:1], b.T.contiguous().T), ref)
+
+
+def test_the_toys_model_gives_a_sample_the_same_bits_in_any_batch():
+    """Awkward shapes, where a BLAS product would round a row by the batch's size."""
+    from clt_eval.case_studies._mlp_stack import LinearEmbed, mlp_stack
+
+    g = torch.Generator().manual_seed(3)
+    D, H = 11, 13
+    mlps = [(torch.randn(D, H, generator=g), torch.randn(H, generator=g),
+             torch.randn(H, D, generator=g)) for _ in range(3)]
+    model = mlp_stack(mlps, LinearEmbed(torch.randn(6, D, generator=g)))
+    inputs = torch.randn(3000, 6, generator=g)
+    ref = model(inputs[:1])
+    assert model.batch_invariant
+    for M in (2, 17, 256, 1000, 3000):
+        assert torch.equal(model(inputs[:M])[:1], ref), M
+
+
+def test_a_batch_invariant_model_evaluates_runs_together_as_it_does_one_at_a_time():
+    """The toy's model declares itself batch-invariant, so evaluate pushes every run's samples
+    through it at once; that must give exactly what the per-run pass gives."""
+    from clt_eval.case_study import load_case_study
+    from clt_eval.evaluate import _behaviour, _behaviour_per_run
+
+    case = load_case_study("boolean_two_step")
+    model = case.model()
+    assert model.batch_invariant
+    specs = [RunSpec(arch=a, n_features=9, seed=s, sparsity_coef=0.1)
+             for s, a in enumerate(("clt", "plt", "clt", "plt", "clt", "clt", "plt"))]
+    tc = Transcoder([s.transcoder_config(case.d_model, case.n_layers) for s in specs],
+                    seeds=[s.seed for s in specs]).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in tc.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        inputs = case.inputs()
+        true_final = model(inputs)
+        together = _behaviour(case, model, tc, inputs, true_final)
+        apart = _behaviour_per_run(case, model, tc, inputs, true_final)
+    assert together.keys() == apart.keys()
+    for key in together:
+        a, b = together[key], apart[key]
+        if isinstance(a, dict):
+            assert all(torch.equal(a[k], b[k]) for k in a), key
+        else:
+            assert torch.equal(a, b), key

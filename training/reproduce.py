@@ -68,7 +68,7 @@ def _one(cfg: ReproduceConfig, name: str, out: Path, progress: bool) -> dict:
     if not is_main():
         return {"report": res["report"], "headline": headline(res["summary"])}
     write_json_atomic(out / "results.json", {"config": dataclasses.asdict(cfg) | {"case_study":
-                                             name}, "runs": nan_to_none(records)})
+                                             name}, "runs": nan_to_none(records)}, records=True)
     if res["analytic"]:
         write_json_atomic(out / "analytic_costs.json", res["analytic"])
     return {"report": res["report"], "headline": headline(res["summary"])}

@@ -91,15 +91,16 @@ class RunStore:
         return rec
 
     def add(self, records: list[dict]) -> None:
-        self.records |= {r["run_id"]: r for r in records}
+        # NaN -> None once, as each record arrives, not for every record at every write
+        self.records |= {r["run_id"]: nan_to_none(r) for r in records}
         self.write()
 
     def write(self) -> None:
         if not is_main():
             return  # data-parallel replicas hold the same records: rank 0 writes them
         write_json_atomic(self.path, {self.header_key: self.header,
-                                      "runs": nan_to_none(list(self.records.values()))}
-                          | nan_to_none(self.extra))
+                                      "runs": list(self.records.values())}
+                          | nan_to_none(self.extra), records=True)
 
 
 def _difference(key: str, was, now, source: str) -> str:

@@ -143,6 +143,12 @@ def _check_run(case, model, gt, need, label) -> None:
     need(tuple(value.shape) == (n,), f"output_value() has shape {tuple(value.shape)}; "
          f"expected [{n}]")
     need(bool(torch.isfinite(value).all()), "output_value() is not finite on inputs()")
+    if getattr(model, "batch_invariant", False):  # claimed, so checked: evaluation relies on it
+        with torch.no_grad():
+            alone = model(inputs[:1])
+        need(torch.equal(alone, out[:1]), "the model declares batch_invariant, but sample 0's "
+             "output alone differs from its output among inputs(); expected bitwise the same "
+             "(compute every product row by row, e.g. with clt_eval.transcoder.row_matmul)")
     dirs = _call(case, "input_directions", label)
     need(isinstance(dirs, torch.Tensor) and dirs.dim() == 2 and dirs.shape[1] == D,
          f"input_directions() has shape {tuple(getattr(dirs, 'shape', ()))}; expected "

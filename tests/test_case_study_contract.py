@@ -77,3 +77,24 @@ def test_unknown_name_raises_with_allowed_names():
     assert "no_such_case_study" in message
     for name in NAMES:
         assert name in message
+
+
+def test_a_false_batch_invariant_claim_is_refused():
+    """A model that claims batch invariance but lets a sample's numbers depend on its batch
+    (here: each output shifted by the batch mean) fails the contract check in one line."""
+    case = load_case_study("boolean_two_step")
+    model = case.model()
+
+    class Leaky(type(model)):
+        def forward(self, inputs):
+            out = super().forward(inputs)
+            return out + 1e-3 * out.mean(0, keepdim=True)
+
+    leaky = Leaky.__new__(Leaky)
+    leaky.__dict__ = model.__dict__
+    case.model = lambda: leaky
+    with pytest.raises(CltEvalError, match="declares batch_invariant"):
+        check_case_study(case)
+    # the honest model passes
+    case.model = lambda: model
+    check_case_study(case)

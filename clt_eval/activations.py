@@ -81,8 +81,10 @@ def _per_k(select, pre_RX: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_last(flat: torch.Tensor, k: int) -> torch.Tensor:
-    vals, idx = flat.relu().topk(min(k, flat.shape[-1]), dim=-1)
-    return torch.zeros_like(flat).scatter(-1, idx, vals)
+    # ReLU on the k kept values, not on every value: the same activations (a kept
+    # non-positive value is 0 either way) for one pass less over the pre-activations.
+    vals, idx = flat.topk(min(k, flat.shape[-1]), dim=-1)
+    return torch.zeros_like(flat).scatter(-1, idx, vals.relu())
 
 
 def topk(pre_RBLF: torch.Tensor, k_R: torch.Tensor, joint: bool) -> torch.Tensor:

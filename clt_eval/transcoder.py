@@ -32,6 +32,15 @@ from torch.autograd.function import once_differentiable
 from clt_eval import activations as act
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import require
+from clt_eval.sparse import (  # noqa: F401  (re-exported: the sparse section lived here)
+    SPARSE_ACTIVATIONS,
+    SPARSE_MAX_SHARE,
+    SPARSE_MIN_FEATURES,
+    ActiveSet,
+    Selection,
+    sparse_encode,
+    sparse_source_decode,
+)
 
 # ---- run-independent arithmetic -------------------------------------------------------
 # Products above this many multiply-adds per matrix run as one BLAS call per run and matrix;
@@ -144,6 +153,9 @@ class TranscoderOutput:
     pre_RBLF: torch.Tensor  # encoder pre-activations z
     acts_RBLF: torch.Tensor  # feature activations a = σ(z)
     recon_RBLD: torch.Tensor  # ŷ, the reconstructed MLP outputs
+    # The kept entries, listed, when a sparse encode selected them (else None): what the
+    # trainer's dead-feature clock reads instead of scanning every activation.
+    active: ActiveSet | None = None
 
 
 def structure_mask(arch: str, n_layers: int) -> torch.Tensor:
@@ -167,68 +179,6 @@ def fit_targets(W_RFTD: torch.Tensor, n_targets: int) -> torch.Tensor:
     if T >= n_targets:
         return W_RFTD[:, :, :n_targets]
     return nn.functional.pad(W_RFTD, (0, 0, 0, n_targets - T))
-
-
-# ---- sparse-aware decode ----------------------------------------------------------------
-# A run decodes from its active features only when the transcoder is wide and at most this
-# share of its (sample, layer, feature) activations is on: gathering rows then costs less
-# than the dense product, whose work grows with every feature, firing or not.
-SPARSE_MIN_FEATURES = 1024
-SPARSE_MAX_SHARE = 1 / 16
-SPARSE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
-
-
-# Rows gathered at once by the sparse decode (entries × columns), to bound its temporaries.
-SPARSE_CHUNK = 1 << 22
-
-
-def _chunks(n: int, width: int):
-    step = max(1, SPARSE_CHUNK // max(width, 1))
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-class _SparseDecode(torch.autograd.Function):
-    """y[b] = Σ_n vals[n] · W[cols[n]] over the entries n with rows[n] = b: the decode of one
-    run and source from its listed features only, forward and backward.
-
-    Every step is an elementwise product, an ``index_add_`` (one correctly rounded add per
-    element, in entry order) or a ``row_sum``, so a run's numbers depend only on its own
-    entries and weights."""
-
-    @staticmethod
-    def forward(ctx, vals, rows, cols, W_FX, n_rows):
-        ctx.save_for_backward(vals, rows, cols, W_FX)
-        y = W_FX.new_zeros(n_rows, W_FX.shape[1])
-        for lo, hi in _chunks(len(cols), W_FX.shape[1]):
-            y.index_add_(0, rows[lo:hi], W_FX[cols[lo:hi]] * vals[lo:hi, None])
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_BX):
-        vals, rows, cols, W_FX = ctx.saved_tensors
-        g_vals = g_W = None
-        if ctx.needs_input_grad[0]:  # ⟨g_b, W_i⟩ for the listed entries only
-            g_vals = torch.empty_like(vals)
-            for lo, hi in _chunks(len(cols), W_FX.shape[1]):
-                g_vals[lo:hi] = row_sum(g_BX[rows[lo:hi]] * W_FX[cols[lo:hi]])
-        if ctx.needs_input_grad[3]:  # a_i · g_b scattered into the listed rows only
-            g_W = torch.zeros(W_FX.shape, dtype=W_FX.dtype, device=W_FX.device)
-            for lo, hi in _chunks(len(cols), W_FX.shape[1]):
-                g_W.index_add_(0, cols[lo:hi], g_BX[rows[lo:hi]] * vals[lo:hi, None])
-        return g_vals, None, None, g_W, None
-
-
-def sparse_source_decode(acts_BF: torch.Tensor, support_BF: torch.Tensor,
-                         W_FX: torch.Tensor) -> torch.Tensor:
-    """[B, X] = acts_BF @ W_FX reading only the rows of the features in ``support_BF``; the
-    backward likewise touches only those rows and computes the activations' gradient for
-    those features only. ``support_BF`` must cover every feature whose activation gradient
-    matters (for JumpReLU also the ones just below the threshold, which its straight-through
-    estimator reads)."""
-    rows, cols = support_BF.nonzero(as_tuple=True)  # row-major: each sample's entries in order
-    vals = acts_BF[rows, cols]
-    return _SparseDecode.apply(vals, rows, cols, W_FX, acts_BF.shape[0])
 
 
 class Transcoder(nn.Module):
@@ -394,7 +344,27 @@ class Transcoder(nn.Module):
 
     def encode(self, x_BLD: torch.Tensor) -> torch.Tensor:
         """Pre-activations z for inputs shared by all runs ([B,L,D]) or per run ([R,B,L,D])."""
+        if self._sparse_encodes(x_BLD):  # the same z; a backward that skips zero gradients
+            return sparse_encode(x_BLD, self.W_enc, self.b_enc)
         return self._per_layer(x_BLD, self.W_enc) + self.b_enc[:, None]
+
+    def _sparse_encodes(self, x_BLD: torch.Tensor) -> bool:
+        """Does this input take ``sparse_encode``? Wide sparse transcoders in float32 (its
+        kernels follow no autocast), with one input for all runs or one per run."""
+        return (self.may_decode_sparsely() and x_BLD.dtype == self.W_enc.dtype == torch.float32
+                and not torch.is_autocast_enabled(x_BLD.device.type)
+                and (x_BLD.dim() == 3 or x_BLD.shape[0] == self.n_runs))
+
+    def _selection(self, x_BLD: torch.Tensor) -> Selection | None:
+        """The TopK / BatchTopK selection ``sparse_encode`` makes itself, listing the kept
+        entries as it keeps them (no scan of the activations to find them again); None where
+        the activation is applied separately (JumpReLU, BatchTopK's inference threshold)."""
+        kind = self.cfg.activation
+        if not self._sparse_encodes(x_BLD) or kind not in ("topk", "batchtopk"):
+            return None
+        if kind == "batchtopk" and not self.training:
+            return None
+        return Selection(kind, self.k_R.tolist(), self.cfg.topk_mode == "joint")
 
     def activate(self, pre_RBLF: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -410,9 +380,13 @@ class Transcoder(nn.Module):
             thr = self.batchtopk_threshold[:, None, :, None]
             return pre_RBLF * (pre_RBLF > thr)
         acts, cut_RL = act.batchtopk(pre_RBLF, self.k_R, joint)
-        with torch.no_grad():  # running estimate of the threshold (EMA over batches)
-            self.batchtopk_threshold.lerp_(cut_RL, 0.01)
+        self._track_threshold(cut_RL)
         return acts
+
+    @torch.no_grad()
+    def _track_threshold(self, cut_RL: torch.Tensor) -> None:
+        """BatchTopK's running estimate of its inference threshold (EMA over batches)."""
+        self.batchtopk_threshold.lerp_(cut_RL, 0.01)
 
     def support(self, pre_RBLF: torch.Tensor, acts_RBLF: torch.Tensor) -> torch.Tensor:
         """[R,B,L,F] bool: the features a sparse decode must read. The active ones; for
@@ -432,11 +406,15 @@ class Transcoder(nn.Module):
 
     def sparse_runs(self, support_RBLF: torch.Tensor) -> torch.Tensor | None:
         """[R] bool: the runs to decode sparsely, each judged on its own activations only (so
-        the choice, like everything else, does not depend on the other runs); None: none."""
+        the choice, like everything else, does not depend on the other runs); None: none.
+        ``support_RBLF``: a mask, or an ``ActiveSet`` (judged on how many entries it lists)."""
         if not self.may_decode_sparsely():
             return None
-        on_R = support_RBLF.flatten(1).sum(1)
-        chosen = on_R <= SPARSE_MAX_SHARE * support_RBLF[0].numel()
+        if isinstance(support_RBLF, ActiveSet):
+            chosen = support_RBLF.sparse_R().to(self.k_R.device)
+        else:
+            on_R = support_RBLF.flatten(1).sum(1)
+            chosen = on_R <= SPARSE_MAX_SHARE * support_RBLF[0].numel()
         return chosen if bool(chosen.any()) else None
 
     def _product(self, a_RBF: torch.Tensor, W_RFX: torch.Tensor) -> torch.Tensor:
@@ -466,9 +444,10 @@ class Transcoder(nn.Module):
             if support_RBLF is None:
                 part = self._product(a_RBF, W.reshape(R, F, -1))
             else:  # each run alone: its numbers never see another run's
+                sups = (support_RBLF.source(s) if isinstance(support_RBLF, ActiveSet)
+                        else support_RBLF[:, :, s].unbind(0))
                 part = torch.stack([sparse_source_decode(a, sup, W_r.reshape(F, -1))
-                                    for a, sup, W_r in zip(a_RBF.unbind(0),
-                                                           support_RBLF[:, :, s].unbind(0),
+                                    for a, sup, W_r in zip(a_RBF.unbind(0), sups,
                                                            W.unbind(0), strict=True)])
             y[:, :, s:s + T] += part.view(R, B, T, -1)
         return y
@@ -510,10 +489,17 @@ class Transcoder(nn.Module):
         return y
 
     def forward(self, x_BLD: torch.Tensor) -> TranscoderOutput:
-        pre = self.encode(x_BLD)
-        acts = self.activate(pre)
-        support = self.support(pre, acts) if self.may_decode_sparsely() else None
-        return TranscoderOutput(pre, acts, self.decode(acts, x_BLD, support))
+        select = self._selection(x_BLD)
+        if select is not None:  # encode and select in one: the kept entries come listed
+            pre, acts, support = sparse_encode(x_BLD, self.W_enc, self.b_enc, select)
+            if select.cut_RL is not None:
+                self._track_threshold(select.cut_RL)
+        else:
+            pre = self.encode(x_BLD)
+            acts = self.activate(pre)
+            support = self.support(pre, acts) if self.may_decode_sparsely() else None
+        active = support if isinstance(support, ActiveSet) else None
+        return TranscoderOutput(pre, acts, self.decode(acts, x_BLD, support), active)
 
     # ---- quantities the penalties and metrics read ------------------------------------
     def contributions(self, acts_RBLF: torch.Tensor) -> torch.Tensor:

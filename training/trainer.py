@@ -118,7 +118,9 @@ def _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint) ->
         parts, out = _step(step_fn, next(batches), since_fired, step)
         with torch.no_grad():
             # on the global batch: every replica must agree on which features are dead
-            fired = distributed.any_over_ranks((out.acts_RBLF > 0).any(1))
+            # (amax > 0: the same answer as (acts > 0).any(1), NaN included, in one pass)
+            fired = out.active.fired() if out.active is not None else out.acts_RBLF.amax(1) > 0
+            fired = distributed.any_over_ranks(fired)
             since_fired = torch.where(fired, 0, since_fired + 1)
         if progress is not None:
             progress.update(1)

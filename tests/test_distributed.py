@@ -19,6 +19,7 @@ from clt_eval.training import distributed as dist_
 # the single process. It trains a tiny CLT for 50 steps on global batches of 64 from a fixed
 # data set, each rank on its rows, through a minimal loop and through the real trainer.
 WORKER = textwrap.dedent("""
+    import itertools
     import sys
     import torch
     from clt_eval.config import LossConfig, TranscoderConfig
@@ -52,12 +53,48 @@ WORKER = textwrap.dedent("""
         return tc.state_dict()
 
 
-    def train_trainer():
+    class StopAfter:  # progress hook: the checkpoint saves and stops after `steps` steps
+
+        def __init__(self, checkpoint, steps):
+            self.checkpoint, self.steps, self.done = checkpoint, steps, 0
+
+        def update(self, n):
+            self.done += n
+            if self.done == self.steps:
+                self.checkpoint.request_stop()
+
+
+    # The trainer's weights after 50 steps; with stop_after, None after saving a checkpoint
+    # at that step (an interrupted job), which a later call resumes. skip: the number of
+    # batches a resumed call must skip, replaced by noise, so that a resume that ignored
+    # its checkpoint would end elsewhere.
+    def train_trainer(checkpoint_path=None, stop_after=None, skip=0):
+        from clt_eval.training.checkpoint import Checkpoint
+
         tc = Transcoder([CFG], seeds=[3])
         batches = dist_.local_batches(full_batches(*data(), batch_size=64, seed=1))
-        train(tc, LOSS, torch.full((1,), 1e-3), batches,
-              TrainConfig(steps=50, lr=3e-3, lr_warmup_steps=5, log_every=0))
+        for _ in range(skip):
+            xb, yb = next(batches)
+            noise = (torch.randn_like(xb), torch.randn_like(yb))
+            batches = itertools.chain([noise], batches)
+        ck = None if checkpoint_path is None else Checkpoint(checkpoint_path, every=0)
+        progress = None if stop_after is None else StopAfter(ck, stop_after)
+        try:
+            train(tc, LOSS, torch.full((1,), 1e-3), batches,
+                  TrainConfig(steps=50, lr=3e-3, lr_warmup_steps=5, log_every=0),
+                  progress=progress, checkpoint=ck)
+        except KeyboardInterrupt:
+            return None
         return tc.state_dict()
+
+
+    def run_resume(out, checkpoint_path, stop_after, skip):
+        torch.set_num_threads(1)
+        dist_.init_from_env()
+        result = train_trainer(checkpoint_path, stop_after, skip)
+        if result is not None:
+            torch.save({"trainer": result}, f"{out}/rank{dist_.rank()}.pt")
+        dist_.shutdown()
 
 
     def run(out, trainer):
@@ -123,6 +160,39 @@ def test_two_forked_ranks_train_what_one_process_trains(worker, tmp_path):
                        start_method="fork")
     init = worker.Transcoder([worker.CFG], seeds=[3]).state_dict()
     _check(single, *_rank_results(tmp_path), init)
+
+
+def _forked_resume(r: int, out: str, port: int, checkpoint: str, stop_after, skip) -> None:
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    sys.modules["ddp_worker"].run_resume(out, checkpoint, stop_after, skip)
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(worker, tmp_path):
+    """Stopped after 20 of 50 steps on 2 ranks and finished by 1 process, or the other way
+    round: both end where an uninterrupted single process ends (up to the rounding of the
+    ranks' gradient average), and the checkpoint records the world size it was saved under."""
+    import safetensors
+
+    whole = worker.train_trainer()
+    two_then_one = tmp_path / "ck_2_to_1.safetensors"
+    mp.start_processes(_forked_resume, args=(str(tmp_path), _free_port(), str(two_then_one), 20,
+                                             0), nprocs=2, start_method="fork")
+    with safetensors.safe_open(str(two_then_one), "pt") as f:
+        assert f.metadata()[dist_.META_WORLD_SIZE] == "2"
+        assert f.metadata()["next_step"] == "20"
+    resumed_on_one = worker.train_trainer(str(two_then_one), skip=20)
+
+    one_then_two = tmp_path / "ck_1_to_2.safetensors"
+    assert worker.train_trainer(str(one_then_two), stop_after=20) is None
+    mp.start_processes(_forked_resume, args=(str(tmp_path), _free_port(), str(one_then_two),
+                                             None, 20), nprocs=2, start_method="fork")
+    rank0, rank1 = (r["trainer"] for r in _rank_results(tmp_path))
+    assert _max_diff(rank0, rank1) == 0
+    init = worker.Transcoder([worker.CFG], seeds=[3]).state_dict()
+    for resumed in (resumed_on_one, rank0):
+        assert _max_diff(whole, resumed) <= 1e-5
+        assert _max_diff(init, resumed) > 1e-2
 
 
 @pytest.mark.slow

@@ -6,6 +6,11 @@ dead-feature clock). The step and Adam's hyper-parameters go into the file's str
 metadata. The learning rate is a pure function of the step (``lr_factor``), so nothing else
 is needed to continue exactly where training stopped: a resumed run equals an uninterrupted
 one bit for bit (tests/test_sweep.py checks this).
+
+Batches are global and every data-parallel replica holds the same state, so a checkpoint
+resumes on any number of ranks that divides the batch (tests/test_distributed.py: saved by 2
+ranks, resumed by 1, and the other way round); the file records the world size it was saved
+under (``dist.world_size`` in its metadata).
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ class Checkpoint:
             for key, v in st.items():
                 tensors[f"opt.{i}.{key}"] = _host(torch.as_tensor(v))
         tensors["since_fired"] = _host(since_fired_RLF)
-        meta = {"next_step": str(next_step), "param_groups": json.dumps(opt_state["param_groups"])}
+        from clt_eval.training.distributed import META_WORLD_SIZE, world_size
+
+        meta = {"next_step": str(next_step), "param_groups": json.dumps(opt_state["param_groups"]),
+                META_WORLD_SIZE: str(world_size())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         os.close(fd)

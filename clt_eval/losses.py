@@ -181,5 +181,8 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
         total = total + coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
                                                                           block_norms))
     if bool((plan.auxk_R > 0).any()) and dead_RLF is not None:
-        total = total + plan.auxk_R * auxk_loss(tc, out, target_BLD, dead_RLF)
+        # where, not 0·x, for runs without AuxK (other activations in a mixed ensemble):
+        # their loss and gradients stay exactly what they are alone, even if x is not finite.
+        aux = plan.auxk_R * auxk_loss(tc, out, target_BLD, dead_RLF)
+        total = total + torch.where(plan.auxk_R > 0, aux, torch.zeros_like(aux))
     return LossParts(total, mse.detach(), sparsity.detach())

@@ -148,6 +148,14 @@ def row_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(*a.shape[:-1], N)
 
 
+def _groups(keys: list) -> dict:
+    """{key: [indices with that key]}, keys in first-seen order."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
 @dataclass
 class TranscoderOutput:
     pre_RBLF: torch.Tensor  # encoder pre-activations z
@@ -165,10 +173,11 @@ def structure_mask(arch: str, n_layers: int) -> torch.Tensor:
 
 
 def shared_fields(cfg: TranscoderConfig) -> dict:
-    """Fields every run of an ensemble must agree on (arch and k may vary per run)."""
+    """Fields every run of an ensemble must agree on (arch, activation and k may vary per
+    run)."""
     d = dataclasses.asdict(cfg)
-    d.pop("arch")
-    d.pop("k")
+    for name in ("arch", "activation", "k"):
+        d.pop(name)
     return d
 
 
@@ -203,7 +212,8 @@ class Transcoder(nn.Module):
         base = shared_fields(cfgs[0])
         for i, c in enumerate(cfgs):
             require(shared_fields(c) == base,
-                    f"run {i}: configs in one ensemble may differ only in arch and k")
+                    f"run {i}: configs in one ensemble may differ only in arch, activation "
+                    "and k")
         self.cfgs = list(cfgs)
         cfg = cfgs[0]
         R, L, F, D = len(cfgs), cfg.n_layers, cfg.n_features, cfg.d_model
@@ -215,9 +225,13 @@ class Transcoder(nn.Module):
             self.register_parameter(f"W_dec_{s}", nn.Parameter(torch.empty(R, F, T, D)))
         self.b_dec = nn.Parameter(torch.empty(R, L, D))
         self.W_skip = nn.Parameter(torch.empty(R, L, D, D)) if cfg.skip else None
+        # Runs may differ in activation: the toys' sweeps train l1, l0 and TopK runs as one
+        # ensemble. The JumpReLU threshold then has a row for every run; the other runs never
+        # read theirs, so it gets no gradient and Adam leaves it as it is.
+        self.activation_groups = _groups([c.activation for c in cfgs])
         self.log_threshold = (
             nn.Parameter(torch.full((R, L, F), math.log(cfg.jumprelu_threshold_init)))
-            if cfg.activation == "jumprelu" else None
+            if "jumprelu" in self.activation_groups else None
         )
         # BatchTopK's inference threshold: a running estimate, not trained by gradient.
         self.register_buffer("batchtopk_threshold", torch.zeros(R, L))
@@ -367,26 +381,46 @@ class Transcoder(nn.Module):
         return Selection(kind, self.k_R.tolist(), self.cfg.topk_mode == "joint")
 
     def activate(self, pre_RBLF: torch.Tensor) -> torch.Tensor:
+        """σ(z) for every run, each with its own activation (elementwise or per run, so a
+        run's activations are the same alone and in any ensemble)."""
+        if len(self.activation_groups) == 1:
+            return self._activate(next(iter(self.activation_groups)), pre_RBLF, None)
+        out = torch.zeros_like(pre_RBLF)
+        for kind, runs in self.activation_groups.items():
+            idx = torch.tensor(runs, device=pre_RBLF.device)
+            out = out.index_put((idx,), self._activate(kind, pre_RBLF[idx], idx))
+        return out
+
+    def _activate(self, kind: str, pre_RBLF: torch.Tensor, runs: torch.Tensor | None):
+        """One activation for the runs ``runs`` (None: all), whose pre-activations are given."""
         cfg = self.cfg
         joint = cfg.topk_mode == "joint"
-        if cfg.activation == "relu":
+
+        def per_run(t: torch.Tensor) -> torch.Tensor:
+            return t if runs is None else t[runs]
+
+        if kind == "relu":
             return pre_RBLF.relu()
-        if cfg.activation == "jumprelu":
-            return act.jumprelu(pre_RBLF, self.threshold()[:, None], cfg.jumprelu_bandwidth)
-        if cfg.activation == "topk":
-            return act.topk(pre_RBLF, self.k_R, joint)
+        if kind == "jumprelu":
+            thr = per_run(self.threshold())[:, None]
+            return act.jumprelu(pre_RBLF, thr, cfg.jumprelu_bandwidth)
+        if kind == "topk":
+            return act.topk(pre_RBLF, per_run(self.k_R), joint)
         # batchtopk: the batch-level selection while training, the learned threshold after.
         if not self.training:
-            thr = self.batchtopk_threshold[:, None, :, None]
+            thr = per_run(self.batchtopk_threshold)[:, None, :, None]
             return pre_RBLF * (pre_RBLF > thr)
-        acts, cut_RL = act.batchtopk(pre_RBLF, self.k_R, joint)
-        self._track_threshold(cut_RL)
+        acts, cut_RL = act.batchtopk(pre_RBLF, per_run(self.k_R), joint)
+        self._track_threshold(cut_RL, runs)
         return acts
 
     @torch.no_grad()
-    def _track_threshold(self, cut_RL: torch.Tensor) -> None:
+    def _track_threshold(self, cut_RL: torch.Tensor, runs: torch.Tensor | None = None) -> None:
         """BatchTopK's running estimate of its inference threshold (EMA over batches)."""
-        self.batchtopk_threshold.lerp_(cut_RL, 0.01)
+        if runs is None:
+            self.batchtopk_threshold.lerp_(cut_RL, 0.01)
+        else:
+            self.batchtopk_threshold[runs] = self.batchtopk_threshold[runs].lerp(cut_RL, 0.01)
 
     def support(self, pre_RBLF: torch.Tensor, acts_RBLF: torch.Tensor) -> torch.Tensor:
         """[R,B,L,F] bool: the features a sparse decode must read. The active ones; for
@@ -399,9 +433,10 @@ class Transcoder(nn.Module):
         return on
 
     def may_decode_sparsely(self) -> bool:
-        """Wide enough, and an activation that leaves most features at exactly zero."""
+        """Wide enough, and one activation, which leaves most features at exactly zero."""
         cfg = self.cfg
-        return (self.sparse_decode and cfg.activation in SPARSE_ACTIVATIONS
+        return (self.sparse_decode and len(self.activation_groups) == 1
+                and cfg.activation in SPARSE_ACTIVATIONS
                 and cfg.n_features >= SPARSE_MIN_FEATURES)
 
     def sparse_runs(self, support_RBLF: torch.Tensor) -> torch.Tensor | None:
@@ -527,9 +562,14 @@ class Transcoder(nn.Module):
 
     # ---- ensembles --------------------------------------------------------------------
     def _fitted(self, state: dict) -> dict:
-        """``state`` with per-source decoders cut or padded to this transcoder's slots."""
+        """``state`` with per-source decoders cut or padded to this transcoder's slots, and a
+        JumpReLU threshold (at its initial value, never read) for runs that have none."""
         for s, T in enumerate(self.n_targets):
             state[f"W_dec_{s}"] = fit_targets(state[f"W_dec_{s}"], T)
+        if self.log_threshold is not None and "log_threshold" not in state:
+            R = state["W_enc"].shape[0]
+            state["log_threshold"] = torch.full((R, *self.log_threshold.shape[1:]),
+                                                math.log(self.cfg.jumprelu_threshold_init))
         return state
 
     @torch.no_grad()

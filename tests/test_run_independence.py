@@ -55,6 +55,9 @@ ENSEMBLES = {
                   for a, k, s in [("clt", 1, 0), ("plt", 3, 1), ("clt", 2, 2), ("plt", 2, 5),
                                   ("clt", 4, 6)]],
 }
+# One ensemble of every activation, as the toys' sweeps train them (mix_activations).
+ENSEMBLES["mixed"] = [ENSEMBLES["relu"][0], ENSEMBLES["jumprelu"][1], ENSEMBLES["topk"][2],
+                      ENSEMBLES["batchtopk"][1], ENSEMBLES["jumprelu"][3]]
 
 
 def _fit(specs, data, steps, batch_size=0):
@@ -79,6 +82,7 @@ def _assert_same_run(ens, i, alone, j=0):
 @pytest.mark.parametrize("activation, batch_size", [
     ("relu", 0), ("jumprelu", 0), ("topk", 0), ("batchtopk", 0),
     ("relu", 5), ("batchtopk", 5),  # minibatches: each run its own order
+    ("mixed", 0), ("mixed", 5),
 ])
 def test_a_run_in_an_ensemble_equals_the_run_alone(data, activation, batch_size):
     specs = ENSEMBLES[activation]

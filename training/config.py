@@ -58,13 +58,22 @@ class RunSpec:
                           preact_coef=self.preact_coef,
                           cross_layer_coef=self.cross_layer_coef)
 
-    def ensemble_key(self) -> tuple:
+    def ensemble_key(self, mix_activations: bool = False) -> tuple:
         """Runs with equal keys share shapes and activation, so they train as one ensemble;
-        arch, penalty (within an activation), decoder norm, λ, k and seed vary inside it."""
+        arch, penalty (within an activation), decoder norm, λ, k and seed vary inside it.
+
+        ``mix_activations``: narrow runs of different activations (ReLU, JumpReLU, TopK)
+        share an ensemble too, paying one step's fixed cost instead of one per activation.
+        Wide ones stay apart: only an ensemble of one sparse activation computes from its
+        active features (clt_eval/sparse.py)."""
         d = asdict(self) | {"activation": self.resolved_activation}
         for name in ("arch", "penalty", "decoder_norm", "tanh_scale", "sparsity_coef", "k",
                      "seed", "cross_layer_coef"):
             d.pop(name)
+        from clt_eval.sparse import SPARSE_MIN_FEATURES  # here: `--help` imports no torch
+
+        if mix_activations and self.n_features < SPARSE_MIN_FEATURES:
+            d.pop("activation")
         return tuple(sorted(d.items()))
 
     def to_dict(self) -> dict:

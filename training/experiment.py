@@ -70,10 +70,11 @@ def record(spec: RunSpec, metrics: dict) -> dict:
             "spec": spec.to_dict(), "metrics": metrics}
 
 
-def group_specs(specs: list[RunSpec]) -> list[list[RunSpec]]:
+def group_specs(specs: list[RunSpec], mix_activations: bool = False) -> list[list[RunSpec]]:
+    """The specs as ensembles that can train together (``RunSpec.ensemble_key``), in order."""
     groups: dict[tuple, list[RunSpec]] = defaultdict(list)
     for s in specs:
-        groups[s.ensemble_key()].append(s)
+        groups[s.ensemble_key(mix_activations)].append(s)
     return list(groups.values())
 
 

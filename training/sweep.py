@@ -186,7 +186,7 @@ class Runner:
         """Ensembles of at most MAX_ENSEMBLE runs, in a deterministic order, so a resumed
         sweep rebuilds the interrupted ensemble exactly and finds its checkpoint."""
         out = []
-        for group in group_specs(pending):
+        for group in group_specs(pending, mix_activations=True):
             out += [group[i:i + MAX_ENSEMBLE] for i in range(0, len(group), MAX_ENSEMBLE)]
         return out
 

@@ -137,23 +137,30 @@ def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,
     return row_sum((acts_RBLF * cross_RSF[:, None]).reshape(R * B, -1)).view(R, B)
 
 
-def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF) -> torch.Tensor:
+def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF,
+              runs: torch.Tensor | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): dead features try to explain the residual error, [R].
 
     Uses the top 2k dead pre-activations so gradients reach features TopK never selects.
-    A run with no dead feature gets 0, whatever its neighbours' state.
-    """
+    Computed for the runs in ``runs`` ([R] bool, default all) that have a dead feature; the
+    others get 0, whatever their neighbours' state (and in a mixed ensemble the ReLU and
+    JumpReLU runs cost nothing here)."""
     R = out.pre_RBLF.shape[0]
-    any_dead_R = dead_RLF.flatten(1).any(1)
-    if not bool(any_dead_R.any()):
+    wanted_R = dead_RLF.flatten(1).any(1)
+    if runs is not None:
+        wanted_R = wanted_R & runs
+    if not bool(wanted_R.any()):
         return out.pre_RBLF.new_zeros(R)
-    err = (with_run_axis(target_BLD) - out.recon_RBLD).detach()
-    masked = out.pre_RBLF.masked_fill(~dead_RLF[:, None], float("-inf"))
-    aux = act.topk(masked.nan_to_num(neginf=-1e30), 2 * tc.k_R, tc.cfg.topk_mode == "joint")
-    aux_recon = tc.write(aux)
+    idx = wanted_R.nonzero().flatten()
+    target = with_run_axis(target_BLD)  # [1,B,L,D] shared, or [R,B,L,D] (own minibatches)
+    err = ((target if target.shape[0] == 1 else target[idx]) - out.recon_RBLD[idx]).detach()
+    masked = out.pre_RBLF[idx].masked_fill(~dead_RLF[idx][:, None], float("-inf"))
+    aux = act.topk(masked.nan_to_num(neginf=-1e30), 2 * tc.k_R[idx],
+                   tc.cfg.topk_mode == "joint")
+    aux_recon = tc.write(aux, runs=idx.tolist())
     mse = row_sum((aux_recon - err).pow(2))
     value = mse / row_sum(err.pow(2)).clamp_min(1e-12)
-    return torch.where(any_dead_R, value, torch.zeros_like(value))
+    return value.new_zeros(R).index_put((idx,), value)
 
 
 @dataclass
@@ -181,8 +188,8 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
         total = total + coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
                                                                           block_norms))
     if bool((plan.auxk_R > 0).any()) and dead_RLF is not None:
-        # where, not 0·x, for runs without AuxK (other activations in a mixed ensemble):
-        # their loss and gradients stay exactly what they are alone, even if x is not finite.
-        aux = plan.auxk_R * auxk_loss(tc, out, target_BLD, dead_RLF)
-        total = total + torch.where(plan.auxk_R > 0, aux, torch.zeros_like(aux))
+        # Only for the runs that have AuxK (other activations in a mixed ensemble add an
+        # exact 0: their loss and gradients stay what they are alone).
+        total = total + plan.auxk_R * auxk_loss(tc, out, target_BLD, dead_RLF,
+                                                plan.auxk_R > 0)
     return LossParts(total, mse.detach(), sparsity.detach())

@@ -487,32 +487,37 @@ class Transcoder(nn.Module):
             y[:, :, s:s + T] += part.view(R, B, T, -1)
         return y
 
-    def _run_groups(self, sparse_R: torch.Tensor | None) -> list[tuple[list[int], bool, bool]]:
-        """(runs, sparse, plt) groups that decode alike, in run order."""
-        keys = [(sparse_R is not None and bool(sparse_R[r]), self.mixed and c.arch == "plt")
-                for r, c in enumerate(self.cfgs)]
-        return [([r for r, k in enumerate(keys) if k == key], *key)
+    def _run_groups(self, sparse_N: torch.Tensor | None, runs: list[int]
+                    ) -> list[tuple[list[int], bool, bool]]:
+        """(rows, sparse, plt) groups of the rows of ``runs`` that decode alike, in order."""
+        keys = [(sparse_N is not None and bool(sparse_N[i]),
+                 self.mixed and self.cfgs[r].arch == "plt") for i, r in enumerate(runs)]
+        return [([i for i, k in enumerate(keys) if k == key], *key)
                 for key in sorted(set(keys))]
 
-    def write(self, acts_RBLF: torch.Tensor, support_RBLF: torch.Tensor | None = None
-              ) -> torch.Tensor:
+    def write(self, acts_RBLF: torch.Tensor, support_RBLF: torch.Tensor | None = None,
+              runs: list[int] | None = None) -> torch.Tensor:
         """[R,B,T,D]: Σ_s a_s W_dec^{s→t}, what the features write (no bias, no skip), summed
         over sources in a fixed order. Sparse runs read only the features in
-        ``support_RBLF`` (default: the active ones)."""
-        sparse_R = support = None
+        ``support_RBLF`` (default: the active ones). ``runs``: the runs whose activations
+        ``acts_RBLF`` holds, one row each (default: all); each is decoded as it is alone."""
+        sparse_N = support = None
         if self.may_decode_sparsely():
             support = acts_RBLF != 0 if support_RBLF is None else support_RBLF
-            sparse_R = self.sparse_runs(support)
-        groups = self._run_groups(sparse_R)
-        if len(groups) == 1:  # no copies of the weights: the common case
+            sparse_N = self.sparse_runs(support)
+        everyone = runs is None
+        runs = list(range(self.n_runs)) if everyone else runs
+        groups = self._run_groups(sparse_N, runs)
+        if len(groups) == 1 and everyone:  # no copies of the weights: the common case
             _, sparse, plt = groups[0]
             return self._write_group(acts_RBLF, support if sparse else None, None, plt)
         out = None
-        for runs, sparse, plt in groups:
-            idx = torch.tensor(runs, device=acts_RBLF.device)
-            y = self._write_group(acts_RBLF[idx], support[idx] if sparse else None, idx, plt)
-            out = y.new_zeros(len(self.cfgs), *y.shape[1:]) if out is None else out
-            out = out.index_put((idx,), y)
+        for rows, sparse, plt in groups:
+            pos = torch.tensor(rows, device=acts_RBLF.device)
+            idx = torch.tensor([runs[i] for i in rows], device=acts_RBLF.device)
+            y = self._write_group(acts_RBLF[pos], support[pos] if sparse else None, idx, plt)
+            out = y.new_zeros(len(runs), *y.shape[1:]) if out is None else out
+            out = out.index_put((pos,), y)
         return out
 
     def decode(self, acts_RBLF: torch.Tensor, x_BLD: torch.Tensor | None = None,

@@ -86,3 +86,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def fails(fn, *needles) -> str:
+    """Call ``fn``; it must raise a one-line CltEvalError naming every needle. The message."""
+    from clt_eval.errors import CltEvalError
+
+    with pytest.raises(CltEvalError) as err:
+        fn()
+    msg = str(err.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg

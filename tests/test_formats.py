@@ -12,9 +12,9 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from conftest import fails
 
 from clt_eval.config import TranscoderConfig
-from clt_eval.errors import CltEvalError
 from clt_eval.formats import detect_format, load_any, save_as
 from clt_eval.formats.convert import convert
 from clt_eval.formats.native import save_native
@@ -57,16 +57,6 @@ def assert_same(a: Transcoder, b: Transcoder, n_layers=L, d=D):
     x = inputs(n_layers, d)
     for field in ("acts_RBLF", "recon_RBLD"):
         assert torch.equal(getattr(a(x), field), getattr(b(x), field)), field
-
-
-def fails(fn, *needles):
-    with pytest.raises(CltEvalError) as err:
-        fn()
-    msg = str(err.value)
-    assert "\n" not in msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
 
 
 # ---- circuit-tracer ----------------------------------------------------------------------

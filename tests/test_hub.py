@@ -14,9 +14,9 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from conftest import fails
 
 from clt_eval.config import TranscoderConfig
-from clt_eval.errors import CltEvalError
 from clt_eval.formats import load_any, save_as
 from clt_eval.formats.convert import convert
 from clt_eval.lm.window import LayerWindow
@@ -71,16 +71,6 @@ def cache_repo(cache: Path, repo_id: str, files: dict[str, bytes], revision: str
 def folder_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
     return {prefix + str(p.relative_to(folder)): p.read_bytes()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def fails(fn, *needles):
-    with pytest.raises(CltEvalError) as err:
-        fn()
-    msg = str(err.value)
-    assert "\n" not in msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
 
 
 # ---- hf:// ----------------------------------------------------------------------------------

@@ -110,22 +110,27 @@ def test_minibatch_order_follows_each_runs_own_seed(data):
     assert not torch.equal(*next(full_batches(x, y, 4, seed=[3, 8]))[0])
 
 
-@pytest.mark.parametrize("shape", [(13, 8, 5), (5, 13, 7), (2, 300, 200)])
-def test_run_matmul_does_not_depend_on_the_other_runs(shape):
-    """One run's product (and its gradients) is the same inside any batch of runs; the
-    last shape takes the one-BLAS-call-per-matrix path."""
+@pytest.mark.parametrize("shape", [(13, 8, 5), (5, 13, 7), (4, 1, 3), (3, 0, 2), (2, 300, 200)])
+@pytest.mark.parametrize("shared_a", [False, True])
+def test_run_matmul_does_not_depend_on_the_other_runs(shape, shared_a):
+    """One run's product (and its gradients) is the same inside any batch of runs, for odd,
+    even, unit and empty inner sizes (the pairwise sum's every branch), with ``a`` per run or
+    shared by all (an input batch); the last shape takes the one-BLAS-call-per-matrix path."""
     M, K, N = shape
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(6, 2, M, K, generator=g, requires_grad=True)
+    a = torch.randn(1 if shared_a else 6, 2, M, K, generator=g, requires_grad=True)
     b = torch.randn(6, 2, K, N, generator=g, requires_grad=True)
     w = torch.randn(6, 2, M, N, generator=g)
     (run_matmul(a, b) * w).sum().backward()
     for r in (0, 5):
-        a1, b1 = (t[r:r + 1].detach().clone().requires_grad_() for t in (a, b))
+        a1 = (a[:1] if shared_a else a[r:r + 1]).detach().clone().requires_grad_()
+        b1 = b[r:r + 1].detach().clone().requires_grad_()
         out = run_matmul(a1, b1)
         (out * w[r:r + 1]).sum().backward()
         assert torch.equal(out[0], run_matmul(a, b)[r])
-        assert torch.equal(a1.grad[0], a.grad[r]) and torch.equal(b1.grad[0], b.grad[r])
+        assert torch.equal(b1.grad[0], b.grad[r])
+        if not shared_a:  # a shared factor's gradient sums over the runs
+            assert torch.equal(a1.grad[0], a.grad[r])
     torch.testing.assert_close(run_matmul(a, b), a @ b)
 
 

@@ -123,7 +123,9 @@ def test_reproduce_quick_end_to_end(tmp_path, capsys):
     assert "Attribution graphs against the true circuit" in report
     for png in ("phase_l0.png", "circuit.png"):
         assert (out / png).stat().st_size > 1000
-    assert "PLT skip" in capsys.readouterr().out  # the headline, printed
+    printed = capsys.readouterr().out
+    assert "PLT skip" in printed  # the headline, printed
+    _check_headline_l0(printed, out)
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
     # Re-evaluating a saved transcoder reproduces the metrics recorded at training time.
     rid = runs[0]["run_id"]
@@ -246,3 +248,21 @@ def test_usage_errors_are_one_line_with_a_hint(args, needle, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1, err
     assert needle in err[0] and "--help`" in err[0]
+
+
+def _check_headline_l0(printed: str, out) -> None:
+    """The headline's L0 columns are the mean total L0 over each matched point's seeds."""
+    sweep = json.loads((out / "sweep.json").read_text())
+    l0 = {r["run_id"]: r["metrics"]["l0_total"] for r in sweep["runs"]}
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("setting"))
+    table = [line.split() for line in lines[start + 1:lines.index("", start)]]
+    checked = 0
+    for p in sweep["matched_l0"]["points"]:
+        if "run_ids" not in p or p["arch"] != "clt":
+            continue
+        mean = sum(l0[i] for i in p["run_ids"]) / len(p["run_ids"])
+        rows = [row for row in table if float(row[1]) == p["target"]]
+        assert any(f"{mean:.2f}" == row[3] for row in rows), (p["target"], mean, rows)
+        checked += 1
+    assert checked

@@ -428,7 +428,8 @@ def _reproduce(args) -> int:
 
     for name, rows in (result["headline"].items() if args.all else
                        [(args.case_study, result["headline"])]):
-        print(f"\n{name}: share of seeds that skip at matched total L0, PLT vs CLT\n"
+        print(f"\n{name}: share of seeds that skip at matched total L0, PLT vs CLT (L0: mean "
+              "total L0 reached over the seeds)\n"
               + format_headline(rows))
     print(f"\nwrote {result['report']}")
     return 0

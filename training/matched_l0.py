@@ -210,4 +210,5 @@ def _mean(values) -> float:
 
 def _closest(points, target, name) -> dict:
     kn, l0 = min(points, key=lambda p: (abs(p[1] - target), p[0]))
-    return {"status": "found", "lambda": 0.0, name: int(kn), "bisection_l0": l0}
+    return {"status": "found", "lambda": 0.0, name: int(kn), "bisection_l0": l0,
+            "tried": [list(p) for p in points]}

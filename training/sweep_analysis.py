@@ -160,18 +160,47 @@ def per_layer_means(recs: list[dict], key: str) -> list[float | None]:
     return out
 
 
+# A matched point whose seeds' mean total L0 lies further than this share of the target from it
+# is reported as not matched (the L0 curve jumps over the target, or k is an integer).
+MATCH_TOL = 0.1
+
+
 def matched_rows(matched: dict, by_id: dict) -> list[dict]:
-    """One row per matched point (setting, arch, target) with its metrics over seeds."""
+    """One row per matched point (setting, arch, target) with its metrics over seeds, and
+    where the search found L0 crossing the target (``crossing``)."""
     rows = []
     for p in matched["points"]:
         row = {"setting": label(p["setting"] | {"arch": p["arch"]}), "arch": p["arch"],
                "target": p["target"], "status": p["status"]}
         if "run_ids" in p:
             recs = [by_id[i] for i in p["run_ids"]]
-            row |= {"knob": p.get("k") or p["lambda"], "recs": recs} | point_summary(recs)
+            knob_found = p.get("k") or p["lambda"]
+            row |= {"knob": knob_found, "recs": recs} | point_summary(recs)
             row |= {k: per_layer_means(recs, k) for k in PER_LAYER}
+            row["crossing"] = crossing(p.get("tried") or [], p["target"], knob_found)
+            row["search_l0"] = p.get("bisection_l0")
         rows.append(row)
     return sorted(rows, key=lambda r: (r["setting"], r["target"], r["arch"]))
+
+
+def crossing(tried: list, target: float, near: float) -> list[float] | None:
+    """[knob a, L0 a, knob b, L0 b]: the neighbouring tried points (in knob order) between
+    whose mean L0 the target lies, the pair nearest ``near`` (the knob chosen); None if the
+    tried points never cross it."""
+    pts = sorted((float(k), float(v)) for k, v in tried if v is not None)
+    cross = [i for i in range(len(pts) - 1)
+             if min(pts[i][1], pts[i + 1][1]) <= target <= max(pts[i][1], pts[i + 1][1])]
+    if not cross:
+        return None
+    at = min(range(len(pts)), key=lambda i: abs(pts[i][0] - near))
+    i = min(cross, key=lambda i: min(abs(i - at), abs(i + 1 - at)))
+    return [*pts[i], *pts[i + 1]]
+
+
+def unmatched(rows: list[dict]) -> list[dict]:
+    """Matched points whose seeds' mean L0 misses the target by more than ``MATCH_TOL``."""
+    return [r for r in rows if "recs" in r and r.get("l0_total") is not None
+            and abs(r["l0_total"] - r["target"]) > MATCH_TOL * r["target"]]
 
 
 def plt_vs_clt(rows: list[dict]) -> list[dict]:

@@ -143,7 +143,7 @@ def _matched_section(rows, versus) -> str:
              _f(r.get("skips")), _f(r.get("middle_feature_recovery")),
              _f(r.get("intervention_agreement"))] if "recs" in r else
             [r["setting"], r["arch"], r["target"], r["status"]] + ["–"] * 6 for r in rows]
-    text = "## PLT vs CLT at matched L0\n\n" + _table(head, body)
+    text = "## PLT vs CLT at matched L0\n\n" + _table(head, body) + _unmatched_note(rows)
     if versus:
         head = ["setting", "target L0", "Δ B recovered (CLT − PLT)", "Cliff's δ", "p",
                 "Δ skip fraction", "skip share PLT → CLT", "Fisher p"]
@@ -156,6 +156,29 @@ def _matched_section(rows, versus) -> str:
                  "construction, so any CLT has a larger one; whether CLT *seeds skip* more "
                  "often is Fisher's test on the counts.\n\n" + _table(head, body))
     return text
+
+
+def _unmatched_note(rows) -> str:
+    """The points whose seeds' L0 missed the target, and the jump in L0 that explains why."""
+    missed = A.unmatched(rows)
+    if not missed:
+        return ""
+    lines = []
+    for r in missed:
+        t, c = r["target"], r.get("crossing")
+        knob = "k" if r["setting"].startswith(("topk", "batchtopk")) else "λ"
+        line = f"- {r['setting']} {r['arch'].upper()}, target {t:g}: L0 reached {_f(r['l0_total'])}"
+        if c is not None and min(abs(c[1] - t), abs(c[3] - t)) > A.MATCH_TOL * t:
+            line += (f"; L0 jumps over the target, from {_f(c[1])} at {knob} {c[0]:.3g} to "
+                     f"{_f(c[3])} at {knob} {c[2]:.3g}")
+        elif r.get("search_l0") is not None:
+            line += (f"; the search's seeds averaged {_f(r['search_l0'])} at this {knob}, the "
+                     f"{r['n']} seeds trained there {_f(r['l0_total'])}")
+        lines.append(line)
+    return (f"\n\n**Not matched within {A.MATCH_TOL:.0%}.** At these points the seeds' mean "
+            "total L0 misses the target by more than that, so PLT and CLT there are compared at "
+            "different sparsity; read their rows with the L0 reached beside them.\n\n"
+            + "\n".join(dict.fromkeys(lines)))
 
 
 def _per_layer_section(rows) -> str:

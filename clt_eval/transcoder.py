@@ -107,8 +107,9 @@ def _matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _pairwise_sum(t_KX: torch.Tensor) -> torch.Tensor:
     """Σ_k t[k], by halving: t[:h] + t[h:2h] (plus the odd one out) until one is left. Each
     level is an elementwise add, so an element's sum has the same order and rounding
-    wherever it lies in the tensor, and it is about twice as fast as a row sum over a short
-    innermost k (measured on the toys' shapes: k of 10 to 20)."""
+    wherever it lies in the tensor. On the toys' shapes (k of 10 to 20) it is about twice as
+    fast as a row sum over a short innermost k for 50 to 300 runs, and a little slower for
+    one run (measured: 1.85 vs 4.05 ms at 270 runs, 0.13 vs 0.09 ms at one)."""
     while t_KX.shape[0] > 1:
         n = t_KX.shape[0]
         h = n // 2

@@ -36,8 +36,8 @@ def save_figure(fig, path: Path) -> Path:
     """Atomic: a crash never leaves half a PNG behind. ``bbox_inches="tight"`` grows the
     canvas to fit whatever sticks out (a legend beside the axes, long rotated tick labels),
     so no label is cut off at the edge. The plots here set the gaps between their panels by
-    hand rather than with ``tight_layout``, which lays every label out once more (a third
-    of the report's drawing time)."""
+    hand rather than with ``tight_layout``, which lays every label out once more (measured
+    on the four grid plots of `reproduce`: 6.0 s with it, 5.0 s without)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:

@@ -159,7 +159,8 @@ def _matched_section(rows, versus) -> str:
 
 
 def _unmatched_note(rows) -> str:
-    """The points whose seeds' L0 missed the target, and the jump in L0 that explains why."""
+    """The points whose seeds' L0 missed the target: with the jump in L0 the search found
+    around it, or else the search seeds' mean beside the mean of all the seeds trained."""
     missed = A.unmatched(rows)
     if not missed:
         return ""
@@ -173,7 +174,7 @@ def _unmatched_note(rows) -> str:
                      f"{_f(c[3])} at {knob} {c[2]:.3g}")
         elif r.get("search_l0") is not None:
             line += (f"; the search's seeds averaged {_f(r['search_l0'])} at this {knob}, the "
-                     f"{r['n']} seeds trained there {_f(r['l0_total'])}")
+                     f"{r['n']} seeds trained there average {_f(r['l0_total'])}")
         lines.append(line)
     return (f"\n\n**Not matched within {A.MATCH_TOL:.0%}.** At these points the seeds' mean "
             "total L0 misses the target by more than that, so PLT and CLT there are compared at "

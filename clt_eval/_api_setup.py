@@ -37,11 +37,30 @@ def listed(value: T | Sequence[T]) -> list[T]:
     return [value]
 
 
+def tiny_products(case_names: Sequence[str], width: int, batch_size: int) -> bool:
+    """Are the products of runs ``width`` features wide on these case studies a few thousand
+    multiply-adds (batch rows × d_model × features below LOOP_MIN_MACS)? Then a step is
+    hundreds of small ops that a second thread only waits on: `reproduce` on the two-step
+    toy took 117 s (206 s of CPU) with 2 threads and 111 s (110 s of CPU) with 1, on an idle
+    2-core machine."""
+    from clt_eval.case_study import load_case_study
+    from clt_eval.transcoder import LOOP_MIN_MACS
+
+    for name in case_names:
+        case = load_case_study(name)
+        n = len(case.inputs())
+        rows = min(batch_size, n) if batch_size > 0 else n
+        if rows * case.d_model * width >= LOOP_MIN_MACS:
+            return False
+    return True
+
+
 @contextlib.contextmanager
-def compute(threads: Threads, device: str | None = None,
-             dtype: str | None = None) -> Iterator[None]:
+def compute(threads: Threads, device: str | None = None, dtype: str | None = None,
+            tiny: bool = False) -> Iterator[None]:
     """Check the device (it may need a GPU) and dtype; run with torch's CPU threads set to
-    ``threads``, and give the caller its own setting back afterwards."""
+    ``threads``, and give the caller its own setting back afterwards. ``tiny`` (see
+    ``tiny_products``): "auto" means one thread."""
     import torch
 
     from clt_eval.device import auto_threads, resolve_device, resolve_dtype
@@ -54,8 +73,8 @@ def compute(threads: Threads, device: str | None = None,
     if dtype is not None:
         resolve_dtype(dtype)
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, auto_threads() // _ranks_here()) if threads == "auto"
-                          else threads)
+    auto = 1 if tiny else max(1, auto_threads() // _ranks_here())
+    torch.set_num_threads(auto if threads == "auto" else threads)
     try:
         yield
     finally:

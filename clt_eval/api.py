@@ -35,6 +35,7 @@ from clt_eval._api_setup import (
     device_args,
     explicit_threads,
     sweep_data,
+    tiny_products,
     train_specs,
 )
 from clt_eval.errors import CltEvalError
@@ -131,7 +132,9 @@ def _train_toy(given: dict, specs: list, train_cfg) -> Path:
                                            what="train", device=train_cfg.device)
         return preflight.job_output(given["out"], "train", disk)
 
-    with compute(given["threads"], given["device"], given["dtype"]):
+    tiny = tiny_products([given["case_study"]], max(s.n_features for s in specs),
+                         train_cfg.batch_size)
+    with compute(given["threads"], given["device"], given["dtype"], tiny):
         check_toy_batch(given["case_study"], train_cfg.batch_size)
         with distributed.main_opens(output) as folder:
             return train_grid(given["case_study"], specs, train_cfg, folder,
@@ -179,8 +182,24 @@ def reproduce(case_study: str = "boolean_two_step", out: str | Path = "runs/repr
     from clt_eval.training.reproduce import reproduce as run
 
     device_args(run, "reproduce", device, dtype, cfg_fields)
-    with compute(threads, device, dtype), preflight.job_output(cfg.out, "reproduce"):
+    with compute(threads, device, dtype, _reproduce_is_tiny(cfg)), \
+            preflight.job_output(cfg.out, "reproduce"):
         return run(cfg)
+
+
+def _reproduce_is_tiny(cfg) -> bool:
+    from clt_eval.case_study import case_study_targets
+    from clt_eval.training.reproduce import reproduce_spec
+
+    names = list(case_study_targets()) if cfg.all else [cfg.case_study]
+    return all(tiny_products([name], _widest(spec), spec.train.batch_size)
+               for name, spec in ((n, reproduce_spec(cfg, n)) for n in names))
+
+
+def _widest(spec) -> int:
+    """The most features of any run a sweep spec trains (grid or matched-L0 search)."""
+    widths = [s.n_features for s in spec.runs()]
+    return max(widths + ([spec.matched_l0.n_features] if spec.matched_l0 else []))
 
 
 def sweep(spec: str | Path | None = None, out: str | Path = "runs/sweep",
@@ -216,7 +235,8 @@ def sweep(spec: str | Path | None = None, out: str | Path = "runs/sweep",
     preflight.check_output(out, "sweep")
     from clt_eval.training.sweep import MAX_ENSEMBLE, run_sweep
 
-    with compute(threads, parsed.train.device, parsed.train.dtype):
+    tiny = tiny_products([parsed.case_study], _widest(parsed), parsed.train.batch_size)
+    with compute(threads, parsed.train.device, parsed.train.dtype, tiny):
         disk = preflight.check_grid_memory(parsed.case_study, parsed.runs(),
                                            parsed.train.batch_size, MAX_ENSEMBLE, what=where,
                                            device=parsed.train.device)

@@ -75,8 +75,9 @@ HELP = {
     "all": "every registered case study, each into OUT/<name>, plus a summary",
     "wandb_mode": "Weights & Biases logging",
     "save_transcoders": "save every trained transcoder (feature tracking needs them)",
-    "threads": "CPU threads for torch: auto (the physical cores this process may use, at "
-               "most 32) or a number (default auto)",
+    "threads": "CPU threads for torch: auto (1 for toy transcoders, whose tiny products a "
+               "second thread only waits on; else the physical cores this process may use, "
+               "less those other jobs keep busy, at most 32) or a number (default auto)",
 }
 # RunSpec fields that `train` takes several values of, to train their product as a grid
 # (the same ones `sweep` takes on the command line).

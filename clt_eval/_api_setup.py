@@ -37,8 +37,8 @@ def listed(value: T | Sequence[T]) -> list[T]:
     return [value]
 
 
-def tiny_products(case_names: Sequence[str], width: int, batch_size: int) -> bool:
-    """Are the products of runs ``width`` features wide on these case studies a few thousand
+def tiny_products(case_name: str, width: int, batch_size: int) -> bool:
+    """Are the products of runs ``width`` features wide on this case study a few thousand
     multiply-adds (batch rows × d_model × features below LOOP_MIN_MACS)? Then a step is
     hundreds of small ops that a second thread only waits on: `reproduce` on the two-step
     toy took 117 s (206 s of CPU) with 2 threads and 111 s (110 s of CPU) with 1, on an idle
@@ -46,13 +46,10 @@ def tiny_products(case_names: Sequence[str], width: int, batch_size: int) -> boo
     from clt_eval.case_study import load_case_study
     from clt_eval.transcoder import LOOP_MIN_MACS
 
-    for name in case_names:
-        case = load_case_study(name)
-        n = len(case.inputs())
-        rows = min(batch_size, n) if batch_size > 0 else n
-        if rows * case.d_model * width >= LOOP_MIN_MACS:
-            return False
-    return True
+    case = load_case_study(case_name)
+    n = len(case.inputs())
+    rows = min(batch_size, n) if batch_size > 0 else n
+    return rows * case.d_model * width < LOOP_MIN_MACS
 
 
 @contextlib.contextmanager

@@ -132,7 +132,7 @@ def _train_toy(given: dict, specs: list, train_cfg) -> Path:
                                            what="train", device=train_cfg.device)
         return preflight.job_output(given["out"], "train", disk)
 
-    tiny = tiny_products([given["case_study"]], max(s.n_features for s in specs),
+    tiny = tiny_products(given["case_study"], max(s.n_features for s in specs),
                          train_cfg.batch_size)
     with compute(given["threads"], given["device"], given["dtype"], tiny):
         check_toy_batch(given["case_study"], train_cfg.batch_size)
@@ -188,12 +188,15 @@ def reproduce(case_study: str = "boolean_two_step", out: str | Path = "runs/repr
 
 
 def _reproduce_is_tiny(cfg) -> bool:
+    """Are the products tiny in every case study this reproduce trains (``tiny_products``)?"""
     from clt_eval.case_study import case_study_targets
     from clt_eval.training.reproduce import reproduce_spec
 
-    names = list(case_study_targets()) if cfg.all else [cfg.case_study]
-    return all(tiny_products([name], _widest(spec), spec.train.batch_size)
-               for name, spec in ((n, reproduce_spec(cfg, n)) for n in names))
+    for name in list(case_study_targets()) if cfg.all else [cfg.case_study]:
+        spec = reproduce_spec(cfg, name)
+        if not tiny_products(name, _widest(spec), spec.train.batch_size):
+            return False
+    return True
 
 
 def _widest(spec) -> int:
@@ -235,7 +238,7 @@ def sweep(spec: str | Path | None = None, out: str | Path = "runs/sweep",
     preflight.check_output(out, "sweep")
     from clt_eval.training.sweep import MAX_ENSEMBLE, run_sweep
 
-    tiny = tiny_products([parsed.case_study], _widest(parsed), parsed.train.batch_size)
+    tiny = tiny_products(parsed.case_study, _widest(parsed), parsed.train.batch_size)
     with compute(threads, parsed.train.device, parsed.train.dtype, tiny):
         disk = preflight.check_grid_memory(parsed.case_study, parsed.runs(),
                                            parsed.train.batch_size, MAX_ENSEMBLE, what=where,

@@ -228,12 +228,12 @@ def test_auto_threads_leave_the_cores_other_jobs_keep_busy(monkeypatch):
 def test_toy_products_are_tiny_and_wide_or_real_ones_are_not():
     from clt_eval._api_setup import tiny_products
 
-    assert tiny_products(["boolean_two_step"], 16, 0)  # 16 rows x d_model 10 x 16 features
-    assert tiny_products(["boolean_two_step"], 32, 256)  # the batch is the 16-row table
-    assert not tiny_products(["boolean_two_step"], 4096, 0)
-    assert tiny_products(["continuous_two_step"], 16, 256)  # 256 rows x 10 x 16
+    assert tiny_products("boolean_two_step", 16, 0)  # 16 rows x d_model 10 x 16 features
+    assert tiny_products("boolean_two_step", 32, 256)  # the batch is the 16-row table
+    assert not tiny_products("boolean_two_step", 4096, 0)
+    assert tiny_products("continuous_two_step", 16, 256)  # 256 rows x 10 x 16
     # a transformer's 48-wide stream in minibatches of 256: products worth a second thread
-    assert not tiny_products(["boolean_two_step", "two_hop_transformer"], 16, 256)
+    assert not tiny_products("two_hop_transformer", 16, 256)
 
 
 def test_threads_come_from_the_option_and_are_given_back(tmp_path, capsys, monkeypatch):

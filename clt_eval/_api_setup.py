@@ -41,7 +41,7 @@ def tiny_products(case_name: str, width: int, batch_size: int) -> bool:
     """Are the products of runs ``width`` features wide on this case study a few thousand
     multiply-adds (batch rows × d_model × features below LOOP_MIN_MACS)? Then a step is
     hundreds of small ops that a second thread only waits on: `reproduce` on the two-step
-    toy took 117 s (206 s of CPU) with 2 threads and 111 s (110 s of CPU) with 1, on an idle
+    toy took 117 s (208 s of CPU) with 2 threads and 111 s (110 s of CPU) with 1, on an idle
     2-core machine."""
     from clt_eval.case_study import load_case_study
     from clt_eval.transcoder import LOOP_MIN_MACS

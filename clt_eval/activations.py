@@ -57,6 +57,34 @@ def step_l0(pre_RBLF: torch.Tensor, threshold_R1LF: torch.Tensor, bandwidth: flo
     return _Step.apply(pre_RBLF, threshold_R1LF, bandwidth)
 
 
+def segments(keys: list) -> list[tuple]:
+    """The maximal stretches of equal keys, in order: [(key, start, stop)].
+
+    An ensemble whose runs are ordered by kind (``training.experiment.group_specs`` orders
+    them so) has one stretch per kind, and each kind is computed on a view of its rows
+    (``apply_by_segment``) instead of a gathered copy scattered back."""
+    out: list[tuple] = []
+    for i, k in enumerate(keys):
+        if out and out[-1][0] == k:
+            out[-1] = (k, out[-1][1], i + 1)
+        else:
+            out.append((k, i, i + 1))
+    return out
+
+
+def contiguous(segs: list[tuple], n_kinds: int) -> bool:
+    """Few enough stretches that slicing beats gathering (at most two per kind)."""
+    return len(segs) <= 2 * n_kinds
+
+
+def apply_by_segment(fn, t_RX: torch.Tensor, segs: list[tuple]) -> torch.Tensor:
+    """cat over stretches of ``fn(key, rows, slice)``: one split and one cat, whose
+    backward passes are a cat and views (a gather's backward scatters into zeros)."""
+    parts = t_RX.split([stop - start for _, start, stop in segs])
+    return torch.cat([fn(key, part, slice(start, stop))
+                      for (key, start, stop), part in zip(segs, parts, strict=True)])
+
+
 def by_k(k_R: torch.Tensor):
     """(k, run indices or None for all runs) for each distinct k, smallest first.
 
@@ -71,6 +99,10 @@ def by_k(k_R: torch.Tensor):
 
 def _per_k(select, pre_RX: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
     """Apply ``select(pre, k)`` to the runs of each k; all runs at once when k is shared."""
+    ks = k_R.tolist()
+    segs = segments(ks)
+    if len(segs) > 1 and contiguous(segs, len(set(ks))):
+        return apply_by_segment(lambda k, part, _: select(part, k), pre_RX, segs)
     groups = by_k(k_R)
     if groups[0][1] is None:
         return select(pre_RX, groups[0][0])

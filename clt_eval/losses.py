@@ -55,7 +55,11 @@ def weighted_acts(acts_RBLF: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 def penalty_terms(acts_RBLF, norms, penalty: str, tanh_scale: float) -> torch.Tensor:
     """Per-sample sparsity cost of each run, [R,B], for the norm-weighted penalties."""
-    w = weighted_acts(acts_RBLF, norms)
+    return summed_terms(weighted_acts(acts_RBLF, norms), penalty, tanh_scale)
+
+
+def summed_terms(w: torch.Tensor, penalty: str, tanh_scale: float) -> torch.Tensor:
+    """[R,B]: Σ of a sample's penalty terms, from its weighted activations ``w``."""
     if penalty == "l1":
         terms = w
     elif penalty == "tanh":
@@ -76,7 +80,7 @@ class LossPlan:
     """Per-run loss settings as tensors and run groups, built once per training rather than
     from R config objects at every step (that Python loop cost ~1 ms a step at R = 512)."""
 
-    groups: dict  # (penalty, decoder norm, tanh c) -> run indices [R_g]
+    groups: dict  # (penalty, decoder norm, tanh c) -> [R] bool: is the run in the group?
     cross_R: torch.Tensor  # κ
     preact_R: torch.Tensor
     auxk_R: torch.Tensor
@@ -91,7 +95,9 @@ class LossPlan:
         for r, c in enumerate(cfgs):
             runs[(c.penalty, c.decoder_norm, c.tanh_scale)].append(r)
         cross = torch.tensor([c.cross_layer_coef for c in cfgs])
-        return cls({k: torch.tensor(v) for k, v in runs.items()}, cross,
+        masks = {k: torch.zeros(R, dtype=torch.bool).index_fill(0, torch.tensor(v), True)
+                 for k, v in runs.items()}
+        return cls(masks, cross,
                    torch.tensor([c.preact_coef for c in cfgs]),
                    torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
                                  for c in cfgs]),
@@ -102,27 +108,66 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
                      block_norms_RSTF: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of each run's per-sample penalty, [R] (λ not applied).
 
-    Runs are grouped by (penalty, norm, c) and each group is priced on its own slice, so
-    l1 and tanh runs with any decoder norm train side by side in one ensemble. ``cfgs`` is
-    one ``LossConfig``, one per run, or a ``LossPlan``.
+    Runs are grouped by (penalty, norm, c), so l1 and tanh runs with any decoder norm train
+    side by side in one ensemble. Each group's penalty is computed for every run and kept
+    for the group's own runs (``torch.where``): a run's value is the one it gets alone, and
+    the others' terms reach it only as exact zeros, in value and gradient. Selecting costs
+    fewer and cheaper ops than gathering each group's rows and scattering them back.
+    ``cfgs`` is one ``LossConfig``, one per run, or a ``LossPlan``.
     """
     R = out.acts_RBLF.shape[0]
     plan = LossPlan.build(cfgs, R)
-    result = out.acts_RBLF.new_zeros(R)
     if block_norms_RSTF is None and plan.normed:
         block_norms_RSTF = tc.decoder_block_norms()
-    for (penalty, norm, scale), idx in plan.groups.items():
-        if penalty in NORMED_PENALTIES:
-            norms = feature_norms(block_norms_RSTF[idx], norm)
-            value = row_mean(penalty_terms(out.acts_RBLF[idx], norms, penalty, scale))
-        elif penalty == "l0":
-            thr = tc.threshold()[idx][:, None]
-            steps = act.step_l0(out.pre_RBLF[idx], thr, tc.cfg.jumprelu_bandwidth)
-            value = row_sum(steps) / out.pre_RBLF.shape[1]
-        else:  # topk / batchtopk: a fixed budget, no penalty
-            continue
-        result = result.index_put((idx,), value)
+    values = _group_penalties(tc, out, plan, block_norms_RSTF)
+    if len(plan.groups) == 1:
+        return next(iter(values.values()), out.acts_RBLF.new_zeros(R))
+    result = out.acts_RBLF.new_zeros(R)  # TopK / BatchTopK: a fixed budget, no penalty
+    for key, value in values.items():
+        result = torch.where(plan.groups[key], value, result)
     return result
+
+
+def _group_penalties(tc, out, plan: LossPlan, block_norms_RSTF) -> dict:
+    """{group: [R] penalty of every run as if it were in the group}, for the groups with a
+    penalty. Concatenated and summed norms share one weighting ([R,B,S,F], each run with its
+    own norm), per-block norms have theirs ([R,B,S,T,F]); groups that differ only in those
+    norms share one value."""
+    keys = [k for k in plan.groups if k[0] in NORMED_PENALTIES or k[0] == "l0"]
+    row_norms = list(dict.fromkeys(k[1] for k in keys
+                                   if k[0] in NORMED_PENALTIES and k[1] != "per_block"))
+    weighted = {}
+    if row_norms:
+        norms = {n: feature_norms(block_norms_RSTF, n) for n in row_norms}
+        if len(norms) == 1:
+            n_RSF = norms[row_norms[0]]
+        else:  # each run its own norm: concatenated where it asks for it, else summed
+            concat_R = _any_mask(plan, "concatenated")[:, None, None]
+            n_RSF = torch.where(concat_R, norms["concatenated"], norms["summed"])
+        weighted["rows"] = weighted_acts(out.acts_RBLF, n_RSF)
+    if any(k[0] in NORMED_PENALTIES and k[1] == "per_block" for k in keys):
+        weighted["blocks"] = weighted_acts(out.acts_RBLF, block_norms_RSTF)
+    shared: dict = {}
+    values = {}
+    for penalty, norm, scale in keys:
+        part = ("l0",) if penalty == "l0" else \
+            (penalty, "blocks" if norm == "per_block" else "rows", scale)
+        if part not in shared:
+            shared[part] = (_l0_penalty(tc, out) if penalty == "l0" else
+                            row_mean(summed_terms(weighted[part[1]], penalty, scale)))
+        values[(penalty, norm, scale)] = shared[part]
+    return values
+
+
+def _l0_penalty(tc, out) -> torch.Tensor:
+    """[R]: the JumpReLU L0 penalty of every run, the mean count of features past θ."""
+    steps = act.step_l0(out.pre_RBLF, tc.threshold()[:, None], tc.cfg.jumprelu_bandwidth)
+    return row_sum(steps) / out.pre_RBLF.shape[1]
+
+
+def _any_mask(plan: LossPlan, norm: str) -> torch.Tensor:
+    masks = [m for (p, n, _), m in plan.groups.items() if n == norm and p in NORMED_PENALTIES]
+    return torch.stack(masks).any(0)
 
 
 def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,

@@ -122,7 +122,8 @@ class ActiveSet:
         self.lists, self.vals, self.n_rows, self.n_cols = lists, vals, n_rows, n_cols
 
     def __getitem__(self, runs) -> ActiveSet:
-        runs = [int(r) for r in runs]
+        runs = (range(*runs.indices(len(self.lists))) if isinstance(runs, slice)
+                else [int(r) for r in runs])
         return ActiveSet([self.lists[r] for r in runs], [self.vals[r] for r in runs],
                          self.n_rows, self.n_cols)
 

@@ -99,6 +99,26 @@ def test_a_run_in_an_ensemble_equals_the_run_alone(data, activation, batch_size)
         _assert_same_run(ens, i, part, j)
 
 
+def test_a_run_gets_the_same_bits_in_layout_order_and_in_any_order(data):
+    """The sweep orders an ensemble's runs by kind (``layout_key``), so that each kind is
+    computed on a view of its rows; any other order gathers them. Both give every run the
+    same bits."""
+    from clt_eval import activations as act
+    from clt_eval.training.experiment import layout_key
+
+    specs = [s for kind in ("relu", "jumprelu", "topk", "batchtopk") for s in ENSEMBLES[kind]]
+    laid_out = sorted(specs, key=layout_key)
+    scrambled = laid_out[1::2] + laid_out[::2]
+    fits = {}
+    for name, order in (("laid out", laid_out), ("scrambled", scrambled)):
+        tc, _ = _fit(order, data, 80)
+        segs_used = act.contiguous(tc.activation_segments, len(tc.activation_groups))
+        assert segs_used == (name == "laid out"), name
+        fits[name] = tc
+    for i, s in enumerate(laid_out):
+        _assert_same_run(fits["laid out"], i, fits["scrambled"], scrambled.index(s))
+
+
 def test_minibatch_order_follows_each_runs_own_seed(data):
     x, y = data
     both = full_batches(x, y, batch_size=4, seed=[3, 8])

@@ -71,11 +71,21 @@ def record(spec: RunSpec, metrics: dict) -> dict:
 
 
 def group_specs(specs: list[RunSpec], mix_activations: bool = False) -> list[list[RunSpec]]:
-    """The specs as ensembles that can train together (``RunSpec.ensemble_key``), in order."""
+    """The specs as ensembles that can train together (``RunSpec.ensemble_key``), in order,
+    each ordered by ``layout_key``."""
     groups: dict[tuple, list[RunSpec]] = defaultdict(list)
     for s in specs:
         groups[s.ensemble_key(mix_activations)].append(s)
-    return list(groups.values())
+    return [sorted(g, key=layout_key) for g in groups.values()]
+
+
+def layout_key(spec: RunSpec) -> tuple:
+    """Where a run sits in its ensemble: PLTs then CLTs, by activation, k and penalty inside
+    each. A run's numbers do not depend on its place, but the step's cost does: runs that
+    decode, activate and select alike then lie side by side, and each kind is computed on a
+    view of its rows instead of a gathered copy (measured: docs/concepts.md §8.6)."""
+    return (spec.arch != "plt", spec.resolved_activation, spec.k or 0, spec.penalty,
+            spec.decoder_norm, spec.tanh_scale)
 
 
 @dataclass

@@ -25,10 +25,10 @@ def test_bisection_finds_the_lambda_of_each_target_on_a_monotone_function():
     calls = []
 
     def f(lams):
-        calls.append(list(lams))
-        return [_l0(x) for x in lams]
+        calls.append(lams)
+        return [[_l0(x) for x in row] for row in lams]
 
-    found = bisect_log(f, brackets, targets, iterations=20)
+    found = bisect_log(f, brackets, targets, iterations=20, ahead=False)
     assert len(calls) == 20 and all(len(c) == 3 for c in calls)  # all brackets per call
     for b, t in zip(found, targets, strict=True):
         lam, value = b.best(t)
@@ -36,6 +36,28 @@ def test_bisection_finds_the_lambda_of_each_target_on_a_monotone_function():
         assert value == pytest.approx(t, rel=1e-3)
         assert lam == pytest.approx(exact, rel=1e-3)
         assert b.lo <= exact <= b.hi
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 6, 7])
+def test_looking_ahead_tries_the_very_points_of_plain_bisection_in_half_the_calls(iterations):
+    grid = [(lam, _l0(lam)) for lam in (0.01, 0.1, 1.0, 10.0)]
+    targets = [1.0, 1.5, 2.0, 2.5]
+    calls = []
+
+    def f(lams):
+        calls.append(lams)
+        return [[_l0(x) for x in row] for row in lams]
+
+    def search(ahead):
+        brackets = [initial_bracket(grid, t) for t in targets]
+        return bisect_log(f, brackets, targets, iterations, ahead=ahead)
+
+    plain = search(False)
+    calls.clear()
+    ahead = search(True)
+    assert ahead == plain  # bounds and every (λ, L0) tried, bit for bit
+    assert len(calls) == (iterations + 1) // 2
+    assert [len(row) for row in calls[0]] == [3 if iterations > 1 else 1] * len(targets)
 
 
 def test_bisection_keeps_the_bracket_and_reports_targets_outside_the_grid():

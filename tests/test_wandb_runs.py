@@ -3,6 +3,7 @@ the run files (config, tags, group, history, tables)."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -35,13 +36,27 @@ def wandb_records(path: Path) -> list:
     return out
 
 
-def read_runs(root: Path) -> list[dict]:
-    """Every offline run under ``root``: name, group, job type, tags, config, history rows."""
+def read_runs(root: Path, timeout: float = 20.0) -> list[dict]:
+    """Every offline run under ``root``: name, group, job type, tags, config, history rows.
+
+    wandb-core may still be writing a run's file when ``finish()`` has returned (seen: a
+    file holding only its 7-byte header, complete a moment later), so this waits until every
+    file ends with its run's exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read_runs(root)
+        if all(r["complete"] for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.05)
+
+
+def _read_runs(root: Path) -> list[dict]:
     runs = []
     for f in sorted(root.glob("wandb/offline-run-*/run-*.wandb")):
-        run = {"history": [], "folder": f.parent}
+        run = {"history": [], "folder": f.parent, "complete": False}
         for rec in wandb_records(f):
             kind = rec.WhichOneof("record_type")
+            run["complete"] |= kind == "exit"
             if kind == "run":
                 r = rec.run
                 run |= {"name": r.display_name, "group": r.run_group, "job_type": r.job_type,
@@ -122,6 +137,21 @@ def test_toy_ensemble_is_one_run_with_a_flat_runs_table_and_tags(tmp_path, offli
     assert sorted(r[col["sparsity_coef"]] for r in t["data"]) == [0.01, 0.01, 0.1, 0.1]
     assert [r[col["n_features"]] for r in t["data"]] == [12] * 4
     assert sorted(r[col["seed"]] for r in t["data"]) == [0, 0, 1, 1]
+
+
+def test_only_the_first_run_of_a_process_lists_the_installed_packages(tmp_path, offline,
+                                                                      monkeypatch):
+    from clt_eval.training.wandb_logger import WandbLogger
+
+    monkeypatch.setattr("clt_eval.training.wandb_logger._PACKAGES_LISTED", False)
+    log = WandbLogger("offline", group="g", root=tmp_path)
+    for name in ("first", "second"):
+        log.start(name, {"a": 1})
+        log.finish()
+    runs = sorted(read_runs(tmp_path), key=lambda r: r["name"])
+    assert [r["name"] for r in runs] == ["first", "second"]
+    listed = [(r["folder"] / "files" / "requirements.txt").exists() for r in runs]
+    assert listed == [True, False]
 
 
 def test_disabled_wandb_prints_nothing_and_writes_nothing(tmp_path, capfd, monkeypatch):

@@ -3,14 +3,15 @@
 One wandb group per invocation.
 
 Toy case studies: each ensemble (runs sharing shapes and loss form) is one wandb run. A wandb
-run costs ~0.1 s and a folder of files (measured offline here, after a first one of ~0.9 s),
-so one wandb run per transcoder would add about a minute to a two-minute reproduction that
-trains hundreds of them. The ensemble's config lists every member under ``runs`` and, flat
-at the top level, the settings the members share (``arch``, ``penalty``, ...) and the lists
-of those that vary (``sparsity_coefs``, ``seeds``); its tags (``arch=clt``, ``lambda=0.001``,
-``seed=2``, ...) let the runs table be filtered by any of them; its history holds each
-member's losses under ``<metric>/<run_id>``; and the ``runs`` table has one row per member
-with flat config columns and final metrics.
+run costs ~0.05 s and a folder of files (measured offline here, after a first one of ~2 s
+with wandb's imports; only the first run of a process lists the installed packages, which
+costs ~0.4 s a run), so one wandb run per transcoder would add half a minute to a
+two-minute reproduction that trains hundreds of them. The ensemble's config lists every
+member under ``runs`` and, flat at the top level, the settings the members share (``arch``,
+``penalty``, ...) and the lists of those that vary (``sparsity_coefs``, ``seeds``); its tags
+(``arch=clt``, ``lambda=0.001``, ``seed=2``, ...) let the runs table be filtered by any of
+them; its history holds each member's losses under ``<metric>/<run_id>``; and the ``runs``
+table has one row per member with flat config columns and final metrics.
 
 Language models: a few transcoders train for many steps, so each one is its own wandb run,
 with a flat config (arch, penalty, sparsity_coef, seed, model, layers, ...) and a history of
@@ -26,6 +27,7 @@ from pathlib import Path
 # A WANDB_DIR the user set wins; otherwise each logger writes under its own output folder
 # (passed to wandb.init, since the environment keeps only the first folder set in a process).
 _USER_WANDB_DIR = os.environ.get("WANDB_DIR")
+_PACKAGES_LISTED = False  # has a run of this process saved the list of installed packages?
 
 
 def configure_wandb_dirs(root: Path) -> None:
@@ -58,9 +60,15 @@ class WandbLogger:
             return NullRun()
         import wandb  # lazy: keeps `clt-eval --help` fast
 
-        return wandb.init(project=self.project, group=self.group, name=name,
-                          job_type=job_type, config=config, mode=self.mode, tags=tags,
-                          reinit="create_new", dir=self.dir)
+        global _PACKAGES_LISTED
+        # The installed packages are the same for every run of this process: list them with
+        # the first one only (listing them costs ~0.4 s a run, a dozen runs per reproduce).
+        settings = wandb.Settings(x_save_requirements=not _PACKAGES_LISTED)
+        run = wandb.init(project=self.project, group=self.group, name=name,
+                         job_type=job_type, config=config, mode=self.mode, tags=tags,
+                         reinit="create_new", dir=self.dir, settings=settings)
+        _PACKAGES_LISTED = True
+        return run
 
     def start(self, name: str, config: dict, job_type: str = "train") -> None:
         """One wandb run. A config with ``runs`` ({run_id: spec}) describes an ensemble: its

@@ -1,10 +1,10 @@
 """The default sweep, timed whole, against the same runs trained one at a time.
 
 Side by side in one process: (1) `run_sweep` on the packaged default spec (grid, matched-L0
-bisection and final runs, evaluation, report, plots; wandb disabled so its ~1 s per run
-start-up is not counted for either side); (2) a random sample of the sweep's runs, each
+bisection and final runs, evaluation, report, plots; wandb disabled so its start-up per
+wandb run is not counted for either side); (2) a random sample of the sweep's runs, each
 trained and evaluated alone exactly as the sweep does it. Training all ~2,000 alone would
-take most of an hour, so the comparison is per run.
+take hours, so the comparison is per run. One thread on both sides.
 
     .venv/bin/python benchmarks/bench_sweep.py [--sample 12] [--spec PATH]
 """

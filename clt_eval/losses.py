@@ -81,6 +81,7 @@ class LossPlan:
     from R config objects at every step (that Python loop cost ~1 ms a step at R = 512)."""
 
     groups: dict  # (penalty, decoder norm, tanh c) -> [R] bool: is the run in the group?
+    concat_R: torch.Tensor  # [R] bool: is the run's penalty weighed by concatenated norms?
     cross_R: torch.Tensor  # κ
     preact_R: torch.Tensor
     auxk_R: torch.Tensor
@@ -97,7 +98,9 @@ class LossPlan:
         cross = torch.tensor([c.cross_layer_coef for c in cfgs])
         masks = {k: torch.zeros(R, dtype=torch.bool).index_fill(0, torch.tensor(v), True)
                  for k, v in runs.items()}
-        return cls(masks, cross,
+        concat = torch.tensor([c.penalty in NORMED_PENALTIES and c.decoder_norm ==
+                               "concatenated" for c in cfgs])
+        return cls(masks, concat, cross,
                    torch.tensor([c.preact_coef for c in cfgs]),
                    torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
                                  for c in cfgs]),
@@ -142,8 +145,8 @@ def _group_penalties(tc, out, plan: LossPlan, block_norms_RSTF) -> dict:
         if len(norms) == 1:
             n_RSF = norms[row_norms[0]]
         else:  # each run its own norm: concatenated where it asks for it, else summed
-            concat_R = _any_mask(plan, "concatenated")[:, None, None]
-            n_RSF = torch.where(concat_R, norms["concatenated"], norms["summed"])
+            n_RSF = torch.where(plan.concat_R[:, None, None], norms["concatenated"],
+                                norms["summed"])
         weighted["rows"] = weighted_acts(out.acts_RBLF, n_RSF)
     if any(k[0] in NORMED_PENALTIES and k[1] == "per_block" for k in keys):
         weighted["blocks"] = weighted_acts(out.acts_RBLF, block_norms_RSTF)
@@ -163,11 +166,6 @@ def _l0_penalty(tc, out) -> torch.Tensor:
     """[R]: the JumpReLU L0 penalty of every run, the mean count of features past θ."""
     steps = act.step_l0(out.pre_RBLF, tc.threshold()[:, None], tc.cfg.jumprelu_bandwidth)
     return row_sum(steps) / out.pre_RBLF.shape[1]
-
-
-def _any_mask(plan: LossPlan, norm: str) -> torch.Tensor:
-    masks = [m for (p, n, _), m in plan.groups.items() if n == norm and p in NORMED_PENALTIES]
-    return torch.stack(masks).any(0)
 
 
 def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,

@@ -182,6 +182,7 @@ def _plan_on(plan: LossPlan, device: torch.device) -> LossPlan:
     """The loss plan with its per-run tensors on ``device`` (built on the CPU)."""
     return dataclasses.replace(
         plan, groups={k: v.to(device) for k, v in plan.groups.items()},
+        concat_R=plan.concat_R.to(device),
         cross_R=plan.cross_R.to(device), preact_R=plan.preact_R.to(device),
         auxk_R=plan.auxk_R.to(device))
 

@@ -60,8 +60,8 @@ def step_l0(pre_RBLF: torch.Tensor, threshold_R1LF: torch.Tensor, bandwidth: flo
 def segments(keys: list) -> list[tuple]:
     """The maximal stretches of equal keys, in order: [(key, start, stop)].
 
-    An ensemble whose runs are ordered by kind (``training.experiment.group_specs`` orders
-    them so) has one stretch per kind, and each kind is computed on a view of its rows
+    An ensemble whose runs are ordered by kind (as the sweep orders them) has one stretch
+    per kind, and each kind is computed on a view of its rows
     (``apply_by_segment``) instead of a gathered copy scattered back."""
     out: list[tuple] = []
     for i, k in enumerate(keys):

@@ -518,10 +518,9 @@ class Transcoder(nn.Module):
         return [(bool(sparse[i]), self.mixed and self.cfgs[r].arch == "plt")
                 for i, r in enumerate(runs)]
 
-    def _run_groups(self, sparse_N: torch.Tensor | None, runs: list[int]
-                    ) -> list[tuple[list[int], bool, bool]]:
-        """(rows, sparse, plt) groups of the rows of ``runs`` that decode alike, in order."""
-        keys = self._row_keys(sparse_N, runs)
+    @staticmethod
+    def _run_groups(keys: list[tuple]) -> list[tuple[list[int], bool, bool]]:
+        """(rows, sparse, plt) groups of rows with equal ``_row_keys``, in order."""
         return [([i for i, k in enumerate(keys) if k == key], *key)
                 for key in sorted(set(keys))]
 
@@ -537,11 +536,12 @@ class Transcoder(nn.Module):
             sparse_N = self.sparse_runs(support)
         everyone = runs is None
         runs = list(range(self.n_runs)) if everyone else runs
-        groups = self._run_groups(sparse_N, runs)
+        keys = self._row_keys(sparse_N, runs)
+        groups = self._run_groups(keys)
         if len(groups) == 1 and everyone:  # no copies of the weights: the common case
             _, sparse, plt = groups[0]
             return self._write_group(acts_RBLF, support if sparse else None, None, plt)
-        segs = act.segments(self._row_keys(sparse_N, runs))
+        segs = act.segments(keys)
         if everyone and act.contiguous(segs, len(groups)):  # runs ordered by kind: views
             return act.apply_by_segment(
                 lambda key, a, rows: self._write_group(a, support[rows] if key[0] else None,

@@ -8,6 +8,7 @@ otherwise. Targets: reproduce on defaults under 2 minutes on 2 cores; --all unde
     python benchmarks/bench_reproduce.py                          # defaults only
     python benchmarks/bench_reproduce.py --wandb-mode disabled    # without wandb's cost
     python benchmarks/bench_reproduce.py --all                    # also every case study
+    python benchmarks/bench_reproduce.py --versus-threads 1       # also one process, alternated
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="also time reproduce --all")
     p.add_argument("--wandb-mode", choices=("offline", "disabled"), default="offline",
                    help="offline: the command's default (default); disabled: no wandb runs")
+    p.add_argument("--versus-threads", type=int, default=None, metavar="N",
+                   help="also time the defaults with --threads N (1: a single process), "
+                        "alternating the two, --repeat times each")
+    p.add_argument("--repeat", type=int, default=1, help="rounds with --versus-threads")
     args = p.parse_args()
     wandb = ["--wandb-mode", args.wandb_mode]
     root = Path(tempfile.mkdtemp(prefix="bench-reproduce-"))
@@ -54,6 +59,8 @@ def main() -> None:
         print(tail)
         print(f"\nreproduce (defaults, wandb {args.wandb_mode}): {wall:.1f} s wall, {cpu:.1f} s "
               "CPU (target < 120 s wall)")
+        if args.versus_threads is not None:
+            versus(root, wandb, args.versus_threads, args.repeat, first=(wall, cpu))
         if args.all:
             wall, cpu, tail = timed(["reproduce", "--all", "--out", str(root / "all")] + wandb)
             print((root / "all" / "summary.md").read_text())
@@ -61,6 +68,25 @@ def main() -> None:
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def versus(root: Path, wandb: list[str], threads: int, repeat: int, first) -> None:
+    """Defaults and --threads N alternately (the first default run is ``first``), so that a
+    change in the machine's speed falls on both."""
+    runs: dict[str, list] = {"auto": [first], str(threads): []}
+    for i in range(repeat):
+        for name in ([str(threads), "auto"] if i else [str(threads)]):
+            out = root / f"{name}-{i}"
+            runs[name].append(timed(["reproduce", "--out", str(out), "--threads", name]
+                                    + wandb)[:2])
+            shutil.rmtree(out, ignore_errors=True)
+    for name, rs in runs.items():
+        walls = ", ".join(f"{w:.1f}" for w, _ in rs)
+        cpus = ", ".join(f"{c:.1f}" for _, c in rs)
+        print(f"--threads {name}: wall {walls} s; CPU {cpus} s")
+    mean = {k: sum(w for w, _ in v) / len(v) for k, v in runs.items()}
+    print(f"mean wall: auto {mean['auto']:.1f} s, --threads {threads} "
+          f"{mean[str(threads)]:.1f} s (ratio {mean[str(threads)] / mean['auto']:.2f})")
 
 
 if __name__ == "__main__":

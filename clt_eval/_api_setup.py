@@ -57,10 +57,12 @@ def compute(threads: Threads, device: str | None = None, dtype: str | None = Non
             tiny: bool = False) -> Iterator[None]:
     """Check the device (it may need a GPU) and dtype; run with torch's CPU threads set to
     ``threads``, and give the caller its own setting back afterwards. ``tiny`` (see
-    ``tiny_products``): "auto" means one thread."""
+    ``tiny_products``): one torch thread in each of ``threads`` processes that share the
+    large ensembles (training/workers.py; "auto": the physical cores)."""
     import torch
 
-    from clt_eval.device import auto_threads, resolve_device, resolve_dtype
+    from clt_eval.device import auto_threads, auto_workers, resolve_device, resolve_dtype
+    from clt_eval.training.workers import use_workers
 
     require(threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
                                   and threads >= 1),
@@ -70,10 +72,16 @@ def compute(threads: Threads, device: str | None = None, dtype: str | None = Non
     if dtype is not None:
         resolve_dtype(dtype)
     before = torch.get_num_threads()
-    auto = 1 if tiny else max(1, auto_threads() // _ranks_here())
-    torch.set_num_threads(auto if threads == "auto" else threads)
+    if tiny:
+        n_workers = auto_workers() if threads == "auto" else threads
+        torch.set_num_threads(1)
+    else:
+        n_workers = 1
+        torch.set_num_threads(max(1, auto_threads() // _ranks_here()) if threads == "auto"
+                              else threads)
     try:
-        yield
+        with use_workers(n_workers):
+            yield
     finally:
         torch.set_num_threads(before)
 

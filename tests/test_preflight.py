@@ -248,10 +248,15 @@ def test_threads_come_from_the_option_and_are_given_back(tmp_path, capsys, monke
         with compute(threads, device="cpu", dtype="float32"):
             assert torch.get_num_threads() == expected
         assert torch.get_num_threads() == before
+    from clt_eval.device import auto_workers
+    from clt_eval.training import workers
+
+    # toy products: threads would only wait; the cores go to worker processes instead
     with compute("auto", device="cpu", dtype="float32", tiny=True):
-        assert torch.get_num_threads() == 1  # toy products: threads would only wait
+        assert torch.get_num_threads() == 1 and workers.workers() == auto_workers()
     with compute(2, device="cpu", dtype="float32", tiny=True):
-        assert torch.get_num_threads() == 2  # a number given is a number used
+        assert torch.get_num_threads() == 1 and workers.workers() == 2  # a number is used
+    assert workers.workers() == 1
     assert torch.get_num_threads() == before
     # main() sets them for its command only: an embedding program keeps its own setting.
     code, err = _cli(["graph", str(tmp_path / "none"), "--model", "tiny", "--prompt", "a",

@@ -16,6 +16,7 @@ under (``dist.world_size`` in its metadata).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -31,14 +32,30 @@ from clt_eval.errors import CltEvalError
 
 
 class Checkpoint:
-    def __init__(self, path: str | Path, every: int):
-        self.path, self.every = Path(path), every
-        self.stop_requested = False
+    def __init__(self, path: str | Path, every: int, whole: Checkpoint | None = None,
+                 stop_event=None):
+        """``whole`` and ``stop_event``: for one part's checkpoint (``part``)."""
+        self.path, self.every, self.whole, self.stop_event = Path(path), every, whole, stop_event
+        self._stop = False
+
+    @property
+    def stop_requested(self) -> bool:
+        return (self._stop or (self.whole is not None and self.whole.stop_requested)
+                or (self.stop_event is not None and self.stop_event.is_set()))
 
     def request_stop(self) -> None:
         """Ask the trainer to save at the end of the current step and stop (Ctrl-C, SIGTERM):
         the state is saved between steps, never halfway through an optimiser update."""
-        self.stop_requested = True
+        self._stop = True
+
+    def part(self, i: int, n: int, stop_event=None) -> Checkpoint:
+        """The checkpoint of part ``i`` (0-based) of ``n`` of this ensemble, trained by a
+        process of its own (training/workers.py). It stops when this one is asked to (in
+        the process that holds this one) or when ``stop_event`` (shared by the processes) is
+        set; a resumed sweep cut into the same number of parts finds it."""
+        name = f"{self.path.stem}.part{i + 1}of{n}{self.path.suffix}"
+        return Checkpoint(self.path.with_name(name), self.every, whole=self,
+                          stop_event=stop_event)
 
     def due(self, step: int, total: int) -> bool:
         """Save after ``step`` (0-based) every ``every`` steps, never after the last one."""
@@ -95,8 +112,12 @@ class Checkpoint:
         return int(meta["next_step"]), tensors["since_fired"]
 
     def remove(self) -> None:
+        """Delete this checkpoint and those of its parts, however many there were."""
         if is_main():
             self.path.unlink(missing_ok=True)
+            stem = glob.escape(self.path.stem)
+            for part in self.path.parent.glob(f"{stem}.part*of*{self.path.suffix}"):
+                part.unlink(missing_ok=True)
 
 
 def _opt_state(tensors: dict, meta: dict) -> dict:

@@ -20,7 +20,7 @@ from clt_eval.device import resolve_device
 from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
 from clt_eval.replacement import collect_mlp_io
-from clt_eval.training import distributed
+from clt_eval.training import distributed, workers
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.trainer import full_batches, init_b_dec, train
 from clt_eval.transcoder import Transcoder
@@ -101,7 +101,20 @@ def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, p
 
     Each run's result is the one it would get trained alone (tests/test_run_independence.py):
     minibatches are shuffled with each run's own seed. A run that diverged is not evaluated:
-    its metrics hold ``diverged`` ({"step", "reason"}) and None for every other value."""
+    its metrics hold ``diverged`` ({"step", "reason"}) and None for every other value.
+
+    Under ``training.workers.use_workers(n)``, a large CPU ensemble is cut into up to ``n``
+    parts trained side by side in processes of their own; the result is the same, bit for
+    bit (tests/test_workers.py)."""
+    device = resolve_device(train_cfg.device, "device")
+    ranges = workers.parts(len(specs)) if workers.can_fork(device, train_cfg.dtype) else []
+    if len(ranges) > 1:
+        return _train_parts(case, model, specs, train_cfg, data, logger, progress, checkpoint,
+                            ranges)
+    return _train_whole(case, model, specs, train_cfg, data, logger, progress, checkpoint)
+
+
+def _train_whole(case, model, specs, train_cfg, data, logger, progress, checkpoint):
     x, y = data
     cfgs = [s.transcoder_config(case.d_model, case.n_layers) for s in specs]
     tc = Transcoder(cfgs, seeds=[s.seed for s in specs])
@@ -118,6 +131,42 @@ def train_group(case, model, specs, train_cfg: TrainConfig, data, logger=None, p
     final["loss"] = distributed.mean_over_ranks(final["loss"])  # each rank's is its rows'
     metrics = _evaluate_finite(case, model, tc, specs, x, final)
     return EnsembleResult(specs, tc, [record(s, m) for s, m in zip(specs, metrics, strict=True)])
+
+
+def _train_parts(case, model, specs, train_cfg, data, logger, progress, checkpoint, ranges):
+    """``train_group`` with the runs of each range trained by a process of its own; the
+    progress bar follows the first part, and the values each part logged are logged
+    together, step by step, once all have finished."""
+    logs: list[list] = [[] for _ in ranges]
+    stop = workers.stop_event() if checkpoint is not None else None
+
+    def part(i: int, runs: range):
+        def log(step: int, values: dict) -> None:
+            logs[i].append((step, {k: v.detach() for k, v in values.items()}))
+
+        def fn():
+            ckpt = checkpoint.part(i, len(ranges), stop) if checkpoint is not None else None
+            res = _train_whole(case, model, [specs[j] for j in runs], train_cfg, data,
+                               log if logger is not None else None,
+                               progress if i == 0 else None, ckpt)
+            return res, logs[i]
+        return fn
+
+    done = workers.run_parts([part(i, r) for i, r in enumerate(ranges)], stop)
+    tc = Transcoder.stack([res.transcoder for res, _ in done])
+    tc.eval()  # as ``train`` leaves a transcoder
+    if logger is not None:
+        _log_together(logger, [log for _, log in done])
+    return EnsembleResult(specs, tc, [rec for res, _ in done for rec in res.records])
+
+
+def _log_together(logger, logs: list[list]) -> None:
+    """Each step's values from every part, concatenated in run order, for the steps every
+    part logged (a part resumed from an older checkpoint logs from its own restart on)."""
+    by_step = [dict(log) for log in logs]
+    for step in sorted(set.intersection(*(set(d) for d in by_step))):
+        rows = [d[step] for d in by_step]
+        logger(step, {k: torch.cat([r[k] for r in rows]) for k in rows[0]})
 
 
 def _evaluate_finite(case, model, tc, specs, x, final) -> list[dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from clt_eval.atomic import write_text_atomic
 from clt_eval.training import sweep_analysis as A
 from clt_eval.training import sweep_plots as P
+from clt_eval.training import workers
 from clt_eval.training.report import _table, analytic_section
 
 
@@ -31,9 +32,13 @@ def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict 
     rows = A.matched_rows(matched, by_id) if matched else []
     versus, mitig = A.plt_vs_clt(rows), A.mitigations(rows)
     tracked = tracking_rows(runner, grid, width)
-    plots = [P.phase_diagram(out, grid, width, "lambda"), P.phase_diagram(out, grid, width, "l0"),
-             P.front(out, grid), P.cross_share_plot(out, grid, width)]
-    plots += [p for p in [P.width_plot(out, onset), P.circuit_plot(out, rows)] if p is not None]
+    # Two halves of about equal cost, drawn side by side when there are worker processes.
+    (lam, front, width_p), (l0, cross, circuit) = workers.side_by_side([
+        lambda: (P.phase_diagram(out, grid, width, "lambda"), P.front(out, grid),
+                 P.width_plot(out, onset)),
+        lambda: (P.phase_diagram(out, grid, width, "l0"), P.cross_share_plot(out, grid, width),
+                 P.circuit_plot(out, rows))])
+    plots = [lam, l0, front, cross] + [p for p in (width_p, circuit) if p is not None]
     parts = [_header(spec, grid, runner, width), _summary(gone, versus, mitig, onset),
              _gone_section(gone, tracked), _matched_section(rows, versus),
              _per_layer_section(rows), _circuit_section(rows),

@@ -1,0 +1,168 @@
+"""Ensembles of tiny transcoders trained by several single-threaded worker processes.
+
+A toy's step is hundreds of small ops, each too small for torch to split across threads, so
+one process uses one core however many it is given. Its runs are independent to the last
+bit, though (``Transcoder.exact``): an ensemble cut into contiguous parts, each trained in a
+process of its own, gives every run the very numbers the whole ensemble gives it. The parts
+run side by side (the first in this process, the others in forked children, which inherit
+the loaded model and data instead of importing everything again), and their results are
+joined in the ensemble's order: the transcoders stacked, the records and logged values
+concatenated.
+
+Only for CPU training in float32 in a single (non data-parallel) process, and only where
+``os.fork`` exists. Processes do not spin-wait for each other as torch's threads do, so on a
+machine that other jobs share they lose nothing by waiting on a descheduled peer
+(docs/scale.md, "Threads and worker processes").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from clt_eval.errors import CltEvalError
+
+# A part smaller than this gains little over training with the rest: a step's fixed cost
+# (~1,000 ops) is paid once per process. Measured on the two-step toy, 300 steps, one
+# process vs two parts side by side: 240 runs 15.9 vs 8.5 s; 80 runs 8.4 vs 5.7 s; 56 runs
+# 4.35 vs 2.80 s; 32 runs 3.20 vs 2.74 s.
+MIN_PART_RUNS = 24
+
+_workers = 1  # set for a job by ``use_workers``
+
+
+@contextlib.contextmanager
+def use_workers(n: int) -> Iterator[None]:
+    """Train ensembles with up to ``n`` processes while the context is active."""
+    global _workers
+    before, _workers = _workers, max(1, int(n))
+    try:
+        yield
+    finally:
+        _workers = before
+
+
+def workers() -> int:
+    return _workers
+
+
+def parts(n_runs: int, n_workers: int | None = None,
+          min_runs: int | None = None) -> list[range]:
+    """Contiguous, near-equal ranges of run indices, one per process: as many as
+    ``n_workers`` (default: the current setting) allows with at least ``min_runs`` (default
+    MIN_PART_RUNS) runs each. Equal counts: weighting CLT runs above PLT runs (more decoder
+    blocks) made the parts less even, not more, on the toys (measured)."""
+    n = max(1, min(n_workers or _workers, n_runs // max(1, min_runs or MIN_PART_RUNS)))
+    bounds = [round(i * n_runs / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def can_fork(device: torch.device, dtype: str) -> bool:
+    """May an ensemble on ``device`` in ``dtype`` be split across forked processes? Only runs
+    that are bit-exact whatever their ensemble (CPU, float32), outside data parallelism."""
+    from clt_eval.training import distributed
+
+    return (device.type == "cpu" and dtype == "float32" and hasattr(os, "fork")
+            and distributed.world_size() == 1)
+
+
+def side_by_side(fns: list[Callable[[], object]]) -> list[object]:
+    """``[fn() for fn in fns]``, in forked processes side by side when this job has more
+    than one worker and this machine can fork; the results must pickle."""
+    if _workers > 1 and hasattr(os, "fork"):
+        return run_parts(fns)
+    return [fn() for fn in fns]
+
+
+def stop_event():
+    """An event the processes of one ``run_parts`` share: set, it asks every part to stop at
+    its next step boundary (``Checkpoint.part``). Create it before ``run_parts`` forks."""
+    return multiprocessing.get_context("fork").Event()
+
+
+def run_parts(fns: list[Callable[[], object]], stop=None) -> list[object]:
+    """``[fn() for fn in fns]``, the first in this process and the others in forked
+    children at the same time; results come back in order.
+
+    A child's error is raised here (a ``CltEvalError`` as itself, anything else with the
+    child's traceback), after every other process has finished. Children ignore Ctrl-C: this
+    process decides. If it is stopped or fails, it sets ``stop`` (``stop_event``; the parts
+    then save their checkpoints and stop at their next step) and waits for the children, or,
+    without ``stop``, ends them with SIGTERM; then its error goes on."""
+    if len(fns) == 1:
+        return [fns[0]()]
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="clt-eval-workers-") as tmp:
+        paths = [Path(tmp) / f"part{i}.pt" for i in range(len(fns))]
+        procs = [ctx.Process(target=_child, args=(fn, path), daemon=True)
+                 for fn, path in zip(fns[1:], paths[1:], strict=True)]
+        for p in procs:
+            p.start()
+        try:
+            first = fns[0]()
+        except BaseException:
+            _end(procs, stop)
+            raise
+        for p in procs:
+            p.join()
+        return [first] + [_result(p, path) for p, path in zip(procs, paths[1:], strict=True)]
+
+
+def _child(fn: Callable[[], object], path: Path) -> None:
+    """A forked worker: run ``fn`` and leave its outcome in ``path`` (written whole)."""
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Another thread of the parent may have held tqdm's lock when it forked: a fresh one,
+    # so that a warning written here cannot wait on it forever.
+    tqdm.set_lock(threading.RLock())
+    try:
+        outcome = {"result": fn()}
+    except KeyboardInterrupt:
+        outcome = {"stopped": True}
+    except CltEvalError as exc:
+        outcome = {"error": str(exc), "user_error": True}
+    except BaseException:
+        outcome = {"error": traceback.format_exc(), "user_error": False}
+    tmp = path.with_suffix(".tmp")
+    torch.save(outcome, tmp)
+    os.replace(tmp, path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _result(proc, path: Path):
+    if not path.exists():
+        raise RuntimeError(f"ensemble worker {proc.pid} ended without a result "
+                           f"(exit code {proc.exitcode})")
+    outcome = torch.load(path, weights_only=False)  # written by our own child just now
+    if "result" in outcome:
+        return outcome["result"]
+    if outcome.get("stopped"):
+        raise KeyboardInterrupt("an ensemble worker was stopped")
+    if outcome["user_error"]:
+        raise CltEvalError(outcome["error"])
+    raise RuntimeError(f"ensemble worker {proc.pid} failed:\n{outcome['error']}")
+
+
+def _end(procs, stop) -> None:
+    if stop is not None:
+        stop.set()
+    else:
+        for p in procs:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.join()

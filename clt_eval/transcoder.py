@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from clt_eval import activations as act
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import require
+from clt_eval.small_matmul import COMPILED_DTYPES, small_matmul
 from clt_eval.sparse import (  # noqa: F401  (re-exported: the sparse section lived here)
     SPARSE_ACTIVATIONS,
     SPARSE_MAX_SHARE,
@@ -44,12 +45,12 @@ from clt_eval.sparse import (  # noqa: F401  (re-exported: the sparse section li
 
 # ---- run-independent arithmetic -------------------------------------------------------
 # Products above this many multiply-adds per matrix run as one BLAS call per run and matrix;
-# smaller ones as one elementwise product and sum over the whole ensemble, where Python's
-# per-call overhead (~10 µs) would cost more than the product itself.
+# smaller ones in one call for the whole ensemble (``small_matmul``, or elementwise ops off
+# the CPU), where Python's per-call overhead (~10 µs) would cost more than the product.
 LOOP_MIN_MACS = 1 << 16
-# Elements of the temporary product tensor formed at once (runs are taken in slices): 4 MB,
-# so the adds that sum it read it from cache (measured on the toy's shapes at 340 runs: the
-# products take 15% less time than with a 64 MB budget; the same at 80 runs, one slice).
+# Off the CPU: elements of the temporary product tensor formed at once (runs are taken in
+# slices): 4 MB, so the adds that sum it read it from cache (measured on the toy's shapes at
+# 340 runs on the CPU: 15% less time than with a 64 MB budget; the same at 80 runs).
 PRODUCT_BUDGET = 1 << 20
 
 
@@ -71,16 +72,16 @@ def _matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     run's numbers computed exactly as they would be for that run alone.
 
     Two ways, chosen by the size of one matrix product, never by R. Large: one ``torch.mm``
-    per run and matrix, the same call a run alone makes. Small: the products a_mk·b_kn as one
-    elementwise tensor with k first, summed over k by ``_pairwise_sum``; an elementwise op
-    rounds each element the same wherever it lies, so every output element is the same sum
-    in the same order however many runs there are. What does not work: a batched matmul
-    (bmm/einsum) gives an element different roundings depending on the batch count or on how
-    many runs share a matrix (measured with MKL: e.g. [13,8]@[8,5] blocks)."""
+    per run and matrix, the same call a run alone makes. Small: every output element summed
+    over k in one fixed order that does not depend on the other elements: on the CPU by
+    ``small_matmul``'s compiled loops, elsewhere by ``_pairwise_products``. What does not
+    work: a batched matmul (bmm/einsum) gives an element different roundings depending on
+    the batch count or on how many runs share a matrix (measured with MKL: e.g. [13,8]@[8,5]
+    blocks, with oneDNN on or off)."""
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = tuple(max(m, n) for m, n in zip(a.shape[:-2], b.shape[:-2], strict=True))
-    out = a.new_empty(*batch, M, N) if M * K * N >= LOOP_MIN_MACS else None
-    if out is not None:  # one BLAS call per run and matrix
+    if M * K * N >= LOOP_MIN_MACS:  # one BLAS call per run and matrix
+        out = a.new_empty(*batch, M, N)
         for idx in itertools.product(*map(range, batch)):
             ia = tuple(i if n > 1 else 0 for i, n in zip(idx, a.shape[:-2], strict=True))
             ib = tuple(i if n > 1 else 0 for i, n in zip(idx, b.shape[:-2], strict=True))
@@ -88,12 +89,22 @@ def _matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     if K == 0:
         return a.new_zeros(*batch, M, N)
+    if a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in COMPILED_DTYPES:
+        return small_matmul(a, b)
+    return _pairwise_products(a, b, batch, M, K, N)
+
+
+def _pairwise_products(a, b, batch: tuple, M: int, K: int, N: int) -> torch.Tensor:
+    """The products a_mk·b_kn as one elementwise tensor with k first, summed over k by
+    ``_pairwise_sum``: an elementwise op rounds each element the same wherever it lies, so
+    every output element is the same sum in the same order however many runs there are."""
     # k first and contiguous (copies of the small factors, not of the product), so the
     # product and every add of the sum run over long unit-stride rows.
     a_K = a.movedim(-1, 0).contiguous().unsqueeze(-1)  # [K, Ra, *G, M, 1]
     b_K = b.movedim(-2, 0).contiguous().unsqueeze(-2)  # [K, Rb, *G, 1, N]
     R, per_run = batch[0], math.prod(batch[1:]) * M * N * K
     step = max(1, PRODUCT_BUDGET // max(per_run, 1))
+    out = None
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         a_r = a_K if a_K.shape[1] == 1 else a_K[:, r0:r1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from unittest import mock
 
@@ -18,7 +19,7 @@ from clt_eval.training.checkpoint import Checkpoint
 from clt_eval.training.config import RunSpec, TrainConfig
 from clt_eval.training.experiment import train_group
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks on Linux")
 
 # PLT and CLT, three activations, several penalties and norms: every kind of decode segment.
 SPECS = [RunSpec(arch=a, penalty=p, decoder_norm=n, sparsity_coef=c, n_features=6, seed=s)

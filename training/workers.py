@@ -9,10 +9,10 @@ the loaded model and data instead of importing everything again), and their resu
 joined in the ensemble's order: the transcoders stacked, the records and logged values
 concatenated.
 
-Only for CPU training in float32 in a single (non data-parallel) process, and only where
-``os.fork`` exists. Processes do not spin-wait for each other as torch's threads do, so on a
-machine that other jobs share they lose nothing by waiting on a descheduled peer
-(docs/scale.md, "Threads and worker processes").
+Only for CPU training in float32 in a single (non data-parallel) process, on Linux.
+Processes do not spin-wait for each other as torch's threads do, so on a machine that other
+jobs share they lose nothing by waiting on a descheduled peer (docs/scale.md, "Threads and
+worker processes").
 """
 
 from __future__ import annotations
@@ -70,16 +70,21 @@ def parts(n_runs: int, n_workers: int | None = None,
 def can_fork(device: torch.device, dtype: str) -> bool:
     """May an ensemble on ``device`` in ``dtype`` be split across forked processes? Only runs
     that are bit-exact whatever their ensemble (CPU, float32), outside data parallelism."""
+    return device.type == "cpu" and dtype == "float32" and _may_fork()
+
+
+def _may_fork() -> bool:
+    """Linux only (macOS forbids much after a fork: Python itself defaults to spawn there),
+    and not inside a data-parallel job, whose ranks are processes of their own."""
     from clt_eval.training import distributed
 
-    return (device.type == "cpu" and dtype == "float32" and hasattr(os, "fork")
-            and distributed.world_size() == 1)
+    return sys.platform.startswith("linux") and distributed.world_size() == 1
 
 
 def side_by_side(fns: list[Callable[[], object]]) -> list[object]:
     """``[fn() for fn in fns]``, in forked processes side by side when this job has more
     than one worker and this machine can fork; the results must pickle."""
-    if _workers > 1 and hasattr(os, "fork"):
+    if _workers > 1 and _may_fork():
         return run_parts(fns)
     return [fn() for fn in fns]
 

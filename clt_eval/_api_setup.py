@@ -58,7 +58,7 @@ def compute(threads: Threads, device: str | None = None, dtype: str | None = Non
     """Check the device (it may need a GPU) and dtype; run with torch's CPU threads set to
     ``threads``, and give the caller its own setting back afterwards. ``tiny`` (see
     ``tiny_products``): one torch thread in each of ``threads`` processes that share the
-    large ensembles (training/workers.py; "auto": the physical cores)."""
+    large ensembles (training/workers.py; "auto": the idle physical cores)."""
     import torch
 
     from clt_eval.device import auto_threads, auto_workers, resolve_device, resolve_dtype

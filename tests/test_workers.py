@@ -114,13 +114,13 @@ def test_parts_stop_save_and_resume_to_the_uninterrupted_result(case, model, toy
     assert list(tmp_path.iterdir()) == []
 
 
-def test_auto_workers_count_physical_cores_without_the_load():
-    from clt_eval.device import auto_workers
+def test_auto_workers_are_the_idle_cores():
+    from clt_eval.device import auto_threads, auto_workers
 
     with mock.patch("os.getloadavg", return_value=(64.0, 64.0, 64.0)):
-        assert auto_workers() >= 1
-        busy = auto_workers()
-    assert busy == auto_workers()  # other jobs' load does not lower it
+        assert auto_workers() == 1  # a busy machine: one process, no second fixed cost
+    with mock.patch("os.getloadavg", return_value=(0.0, 0.0, 0.0)):
+        assert auto_workers() == auto_threads() >= 1
 
 
 def test_tiny_jobs_use_worker_processes_of_one_thread_each():

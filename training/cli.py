@@ -77,9 +77,9 @@ HELP = {
     "save_transcoders": "save every trained transcoder (feature tracking needs them)",
     "threads": "CPU threads: auto or a number (default auto). Toy transcoders, whose tiny "
                "products a second torch thread only waits on, get one thread in each of N "
-               "processes that train parts of every large ensemble side by side (auto: the "
-               "physical cores); other jobs get N torch threads (auto: the physical cores "
-               "this process may use, less those other jobs keep busy, at most 32)",
+               "processes that train parts of every large ensemble side by side; other jobs get "
+               "N torch threads. auto: the physical cores this process may use, less those "
+               "other jobs keep busy, at most 32",
 }
 # RunSpec fields that `train` takes several values of, to train their product as a grid
 # (the same ones `sweep` takes on the command line).

@@ -9,10 +9,9 @@ the loaded model and data instead of importing everything again), and their resu
 joined in the ensemble's order: the transcoders stacked, the records and logged values
 concatenated.
 
-Only for CPU training in float32 in a single (non data-parallel) process, on Linux.
-Processes do not spin-wait for each other as torch's threads do, so on a machine that other
-jobs share they lose nothing by waiting on a descheduled peer (docs/scale.md, "Threads and
-worker processes").
+Only for CPU training in float32 in a single (non data-parallel) process, on Linux. Worth
+it on idle cores only: beside other jobs a second process adds its own fixed cost and little
+else (docs/scale.md, "Threads and worker processes"; ``device.auto_workers``).
 """
 
 from __future__ import annotations

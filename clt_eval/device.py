@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 from clt_eval.errors import CltEvalError
@@ -80,25 +81,56 @@ def physical_cores() -> int | None:
 def auto_threads() -> int:
     """CPU threads for torch: the CPUs this process may run on, counted as physical cores
     (hyper-threads share one core's arithmetic units), at most MAX_AUTO_THREADS, less the
-    cores other work keeps busy (the 1-minute load average).
+    cores other work keeps busy (``busy_cores``, at least the 1-minute load average).
 
     On a shared machine, torch's threads spin-wait for each other at every op; a thread
     that competes with another job for its core stalls all of them. Measured on 2 cores
     with another 2-thread job running: `reproduce` took 17 min 47 s with 2 threads and
     3 min 45 s with 1."""
+    return _idle_cores(busy_cores(average=True))
+
+
+def _idle_cores(busy: int) -> int:
+    """The CPUs this process may run on, as physical cores, at most MAX_AUTO_THREADS, less
+    ``busy`` (at least 1)."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
     logical, physical = os.cpu_count() or allowed, physical_cores()
     per_core = max(1, logical // physical) if physical else 1
     cores = max(1, min(MAX_AUTO_THREADS, allowed // per_core))
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     return max(1, min(cores, logical - busy) if busy else cores)
 
 
+def busy_cores(average: bool = False, looks: int = 5) -> int:
+    """Cores other work keeps busy now: the tasks running besides this one
+    (``procs_running`` in /proc/stat, the median of a few looks 10 ms apart); with
+    ``average``, at least the 1-minute load average (rounded). The average lags: it follows
+    the running tasks with a one-minute time constant, so ten seconds after another 2-thread
+    job starts it reads about 0.3, and it stays up for minutes after one ends. Where
+    /proc/stat cannot be read, the average alone."""
+    average_busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    counts = []
+    for i in range(looks):
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return average_busy
+        running = next((int(line.split()[1]) for line in text.splitlines()
+                        if line.startswith("procs_running ")), None)
+        if running is None:
+            return average_busy
+        counts.append(max(0, running - 1))  # this process is running while it reads
+        if i + 1 < looks:
+            time.sleep(0.01)
+    now = sorted(counts)[len(counts) // 2]
+    return max(now, average_busy) if average else now
+
+
 def auto_workers() -> int:
-    """Single-threaded processes for toy ensembles (training/workers.py): as many as
-    ``auto_threads`` gives threads, the idle physical cores. On an idle 2-core machine two
-    processes ran `reproduce` 1.35 times as fast as one (72.8 vs 98.1 s); beside another
+    """Single-threaded processes for toy ensembles (training/workers.py): the physical cores
+    idle right now (``busy_cores`` without the lagging average: processes do not spin-wait
+    for each other as threads do, so a wrong guess costs little). On an idle 2-core machine
+    two processes ran `reproduce` 1.35 times as fast as one (72.8 vs 98.1 s); beside another
     2-thread job they ran it 12% slower (142.7 vs 125.3 s, mean of two runs each): a
     second process then only adds its own fixed cost."""
-    return auto_threads()
+    return _idle_cores(busy_cores())

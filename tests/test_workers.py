@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from dataclasses import replace
 from unittest import mock
 
@@ -114,13 +116,29 @@ def test_parts_stop_save_and_resume_to_the_uninterrupted_result(case, model, toy
     assert list(tmp_path.iterdir()) == []
 
 
-def test_auto_workers_are_the_idle_cores():
-    from clt_eval.device import auto_threads, auto_workers
+def test_auto_workers_are_the_cores_idle_now():
+    from clt_eval import device
 
-    with mock.patch("os.getloadavg", return_value=(64.0, 64.0, 64.0)):
-        assert auto_workers() == 1  # a busy machine: one process, no second fixed cost
-    with mock.patch("os.getloadavg", return_value=(0.0, 0.0, 0.0)):
-        assert auto_workers() == auto_threads() >= 1
+    with mock.patch.object(device, "busy_cores", return_value=64):
+        assert device.auto_workers() == 1  # a busy machine: one process, one fixed cost
+    with mock.patch.object(device, "busy_cores", return_value=0):
+        assert device.auto_workers() == device._idle_cores(0) >= 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")
+def test_busy_cores_sees_a_job_that_started_a_moment_ago():
+    """The load average would still read ~0 half a second after the spinner starts."""
+    from clt_eval.device import busy_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\n"
+                             "while time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.5)
+        with mock.patch("os.getloadavg", return_value=(0.0, 0.0, 0.0)):
+            assert busy_cores() >= 1 and busy_cores(average=True) >= 1
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def test_tiny_jobs_use_worker_processes_of_one_thread_each():

@@ -65,12 +65,13 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     exactly as if it were not there.
 
     With ``exact`` (the default) every run trains bit for bit as it would alone, whatever
-    ensemble it is in. ``exact=False`` is faster for large ensembles of small transcoders
-    (on the toy, one CPU thread: 7 vs 10.5 ms a step at 30 runs, 23 vs 56 at 360; see
-    benchmarks/bench_ensemble.py) but lets rounding depend on the ensemble: BLAS's batched
-    matmuls instead of ``run_matmul``, and the fused Adam kernel, which rounds an element
-    differently depending on where it lies in the flat parameter (max |Δ| 0.15 between a
-    run in a 30-run ensemble and alone after 1,000 steps).
+    ensemble it is in. ``exact=False`` is faster for small ensembles of small transcoders
+    and no faster for large ones (on the toy's ReLU grid, one CPU thread: 7.6 vs 12.2 ms a
+    step at 30 runs, 33.5 vs 32.6 ms at 360; benchmarks/bench_ensemble.py, 300 steps) but
+    lets rounding depend on the ensemble: BLAS's batched matmuls instead of
+    ``run_matmul``, and the fused Adam kernel, which rounds an element differently
+    depending on where it lies in the flat parameter (max |Δ| 0.15 between a run in a
+    30-run ensemble and alone after 1,000 steps).
 
     Training runs on ``cfg.device`` (the transcoder goes there for the loop and comes back
     after it; batches already there are not copied). With ``cfg.dtype == "bfloat16"`` the

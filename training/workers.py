@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
@@ -96,7 +95,7 @@ def stop_event():
 
 def run_parts(fns: list[Callable[[], object]], stop=None) -> list[object]:
     """``[fn() for fn in fns]``, the first in this process and the others in forked
-    children at the same time; results come back in order.
+    children at the same time; results come back in order, through pipes.
 
     A child's error is raised here (a ``CltEvalError`` as itself, anything else with the
     child's traceback), after every other process has finished. Children ignore Ctrl-C: this
@@ -106,24 +105,23 @@ def run_parts(fns: list[Callable[[], object]], stop=None) -> list[object]:
     if len(fns) == 1:
         return [fns[0]()]
     ctx = multiprocessing.get_context("fork")
-    with tempfile.TemporaryDirectory(prefix="clt-eval-workers-") as tmp:
-        paths = [Path(tmp) / f"part{i}.pt" for i in range(len(fns))]
-        procs = [ctx.Process(target=_child, args=(fn, path), daemon=True)
-                 for fn, path in zip(fns[1:], paths[1:], strict=True)]
-        for p in procs:
-            p.start()
-        try:
-            first = fns[0]()
-        except BaseException:
-            _end(procs, stop)
-            raise
-        for p in procs:
-            p.join()
-        return [first] + [_result(p, path) for p, path in zip(procs, paths[1:], strict=True)]
+    pipes = [ctx.Pipe(duplex=False) for _ in fns[1:]]
+    procs = [ctx.Process(target=_child, args=(fn, send), daemon=True)
+             for fn, (_, send) in zip(fns[1:], pipes, strict=True)]
+    for proc, (_, send) in zip(procs, pipes, strict=True):
+        proc.start()
+        send.close()  # the child's copy stays open: its end-of-file means the child is gone
+    try:
+        first = fns[0]()
+    except BaseException:
+        _end(procs, pipes, stop)
+        raise
+    outcomes = _collect(procs, pipes)
+    return [first] + [_result(p, o) for p, o in zip(procs, outcomes, strict=True)]
 
 
-def _child(fn: Callable[[], object], path: Path) -> None:
-    """A forked worker: run ``fn`` and leave its outcome in ``path`` (written whole)."""
+def _child(fn: Callable[[], object], send) -> None:
+    """A forked worker: run ``fn`` and send its outcome (result, stop or error)."""
     from tqdm import tqdm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -139,18 +137,33 @@ def _child(fn: Callable[[], object], path: Path) -> None:
         outcome = {"error": str(exc), "user_error": True}
     except BaseException:
         outcome = {"error": traceback.format_exc(), "user_error": False}
-    tmp = path.with_suffix(".tmp")
-    torch.save(outcome, tmp)
-    os.replace(tmp, path)
+    # Plain pickle, tensors by value: torch's multiprocessing pickler would share their memory
+    # through a server in this process, which is gone by the time the parent reads them.
+    send.send_bytes(pickle.dumps(outcome))
+    send.close()
     sys.stdout.flush()
     sys.stderr.flush()
 
 
-def _result(proc, path: Path):
-    if not path.exists():
+def _collect(procs, pipes) -> list[dict | None]:
+    """Every child's outcome (None for one that ended without sending), then every child
+    waited for. Received before joining: a child blocks until its outcome is read."""
+    outcomes = []
+    for receive, _ in pipes:
+        try:
+            outcomes.append(pickle.loads(receive.recv_bytes()))  # from our own fork
+        except EOFError:
+            outcomes.append(None)
+        receive.close()
+    for proc in procs:
+        proc.join()
+    return outcomes
+
+
+def _result(proc, outcome: dict | None):
+    if outcome is None:
         raise RuntimeError(f"ensemble worker {proc.pid} ended without a result "
                            f"(exit code {proc.exitcode})")
-    outcome = torch.load(path, weights_only=False)  # written by our own child just now
     if "result" in outcome:
         return outcome["result"]
     if outcome.get("stopped"):
@@ -160,7 +173,8 @@ def _result(proc, path: Path):
     raise RuntimeError(f"ensemble worker {proc.pid} failed:\n{outcome['error']}")
 
 
-def _end(procs, stop) -> None:
+def _end(procs, pipes, stop) -> None:
+    """Ask the children to stop (``stop``) or end them (SIGTERM), and wait for them."""
     if stop is not None:
         stop.set()
     else:
@@ -168,5 +182,4 @@ def _end(procs, stop) -> None:
             if p.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
-    for p in procs:
-        p.join()
+    _collect(procs, pipes)

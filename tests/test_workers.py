@@ -83,10 +83,12 @@ def test_a_failing_part_raises_its_error_here():
         raise ValueError("boom")
 
     with pytest.raises(CltEvalError, match="field 'x': expected a number"):
-        workers.run_parts([lambda: 1, bad])
+        workers.run_parts([lambda: (1, {}), bad])
     with pytest.raises(RuntimeError, match="ValueError: boom"):
-        workers.run_parts([lambda: 1, crash])
-    assert workers.run_parts([lambda: 1, lambda: [2, 3]]) == [1, [2, 3]]
+        workers.run_parts([lambda: (1, {}), crash])
+    t = torch.randn(3, 4, dtype=torch.float64)
+    (a, _), (b, tensors) = workers.run_parts([lambda: (1, {}), lambda: ([2, "c"], {"t": t})])
+    assert a == 1 and b == [2, "c"] and torch.equal(tensors["t"], t)
 
 
 def test_side_by_side_keeps_the_order_with_and_without_workers():

@@ -137,27 +137,41 @@ def _train_parts(case, model, specs, train_cfg, data, logger, progress, checkpoi
     """``train_group`` with the runs of each range trained by a process of its own; the
     progress bar follows the first part, and the values each part logged are logged
     together, step by step, once all have finished."""
-    logs: list[list] = [[] for _ in ranges]
     stop = workers.stop_event() if checkpoint is not None else None
 
     def part(i: int, runs: range):
-        def log(step: int, values: dict) -> None:
-            logs[i].append((step, {k: v.detach() for k, v in values.items()}))
-
         def fn():
+            logged: list = []
             ckpt = checkpoint.part(i, len(ranges), stop) if checkpoint is not None else None
             res = _train_whole(case, model, [specs[j] for j in runs], train_cfg, data,
-                               log if logger is not None else None,
+                               (lambda step, values: logged.append((step, values)))
+                               if logger is not None else None,
                                progress if i == 0 else None, ckpt)
-            return res, logs[i]
+            # a part's result travels as JSON and named tensors (training/workers.py)
+            tensors = {f"state.{k}": v for k, v in res.transcoder.state_dict().items()}
+            tensors |= {f"log.{step}.{k}": v for step, values in logged
+                        for k, v in values.items()}
+            return {"records": res.records, "steps": [step for step, _ in logged]}, tensors
         return fn
 
     done = workers.run_parts([part(i, r) for i, r in enumerate(ranges)], stop)
-    tc = Transcoder.stack([res.transcoder for res, _ in done])
+    tcs = []
+    for r, (_, tensors) in zip(ranges, done, strict=True):
+        tc = Transcoder([specs[j].transcoder_config(case.d_model, case.n_layers) for j in r],
+                        init=False)
+        tc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+        tcs.append(tc)
+    tc = Transcoder.stack(tcs)
     tc.eval()  # as ``train`` leaves a transcoder
     if logger is not None:
-        _log_together(logger, [log for _, log in done])
-    return EnsembleResult(specs, tc, [rec for res, _ in done for rec in res.records])
+        _log_together(logger, [_logged(meta["steps"], tensors) for meta, tensors in done])
+    return EnsembleResult(specs, tc, [rec for meta, _ in done for rec in meta["records"]])
+
+
+def _logged(steps: list[int], tensors: dict) -> list[tuple[int, dict]]:
+    """A part's logged values, [(step, {metric: [R_part] tensor})], from its result."""
+    return [(step, {k.split(".", 2)[2]: v for k, v in tensors.items()
+                    if k.startswith(f"log.{step}.")}) for step in steps]
 
 
 def _log_together(logger, logs: list[list]) -> None:

@@ -17,9 +17,9 @@ else (docs/scale.md, "Threads and worker processes"; ``device.auto_workers``).
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -27,8 +27,13 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from clt_eval.errors import CltEvalError
+
+# What a part returns: a JSON value and named tensors.
+Result = tuple[object, dict[str, torch.Tensor]]
 
 # A part smaller than this gains little over training with the rest: a step's fixed cost
 # (~1,000 ops) is paid once per process. Measured on the two-step toy, 300 steps, one
@@ -81,9 +86,9 @@ def _may_fork() -> bool:
 
 def side_by_side(fns: list[Callable[[], object]]) -> list[object]:
     """``[fn() for fn in fns]``, in forked processes side by side when this job has more
-    than one worker and this machine can fork; the results must pickle."""
+    than one worker and this machine can fork; the results must be JSON values."""
     if _workers > 1 and _may_fork():
-        return run_parts(fns)
+        return [meta for meta, _ in run_parts([lambda f=f: (f(), {}) for f in fns])]
     return [fn() for fn in fns]
 
 
@@ -93,9 +98,11 @@ def stop_event():
     return multiprocessing.get_context("fork").Event()
 
 
-def run_parts(fns: list[Callable[[], object]], stop=None) -> list[object]:
+def run_parts(fns: list[Callable[[], Result]], stop=None) -> list[Result]:
     """``[fn() for fn in fns]``, the first in this process and the others in forked
-    children at the same time; results come back in order, through pipes.
+    children at the same time; results come back in order, through pipes. A result is
+    ``(meta, tensors)``: a JSON value and a dict of tensors (sent as JSON and safetensors,
+    so nothing is unpickled).
 
     A child's error is raised here (a ``CltEvalError`` as itself, anything else with the
     child's traceback), after every other process has finished. Children ignore Ctrl-C: this
@@ -129,17 +136,19 @@ def _child(fn: Callable[[], object], send) -> None:
     # Another thread of the parent may have held tqdm's lock when it forked: a fresh one,
     # so that a warning written here cannot wait on it forever.
     tqdm.set_lock(threading.RLock())
+    tensors: dict = {}
     try:
-        outcome = {"result": fn()}
+        meta, tensors = fn()
+        outcome = {"result": meta}
     except KeyboardInterrupt:
         outcome = {"stopped": True}
     except CltEvalError as exc:
         outcome = {"error": str(exc), "user_error": True}
     except BaseException:
         outcome = {"error": traceback.format_exc(), "user_error": False}
-    # Plain pickle, tensors by value: torch's multiprocessing pickler would share their memory
-    # through a server in this process, which is gone by the time the parent reads them.
-    send.send_bytes(pickle.dumps(outcome))
+    send.send_bytes(json.dumps(outcome).encode())
+    send.send_bytes(safetensors_save({k: v.detach().clone()  # owns its memory
+                                     for k, v in tensors.items()}))
     send.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -151,7 +160,9 @@ def _collect(procs, pipes) -> list[dict | None]:
     outcomes = []
     for receive, _ in pipes:
         try:
-            outcomes.append(pickle.loads(receive.recv_bytes()))  # from our own fork
+            outcome = json.loads(receive.recv_bytes())
+            outcome["tensors"] = safetensors_load(receive.recv_bytes())
+            outcomes.append(outcome)
         except EOFError:
             outcomes.append(None)
         receive.close()
@@ -165,7 +176,7 @@ def _result(proc, outcome: dict | None):
         raise RuntimeError(f"ensemble worker {proc.pid} ended without a result "
                            f"(exit code {proc.exitcode})")
     if "result" in outcome:
-        return outcome["result"]
+        return outcome["result"], outcome["tensors"]
     if outcome.get("stopped"):
         raise KeyboardInterrupt("an ensemble worker was stopped")
     if outcome["user_error"]:

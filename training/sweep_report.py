@@ -32,12 +32,14 @@ def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict 
     rows = A.matched_rows(matched, by_id) if matched else []
     versus, mitig = A.plt_vs_clt(rows), A.mitigations(rows)
     tracked = tracking_rows(runner, grid, width)
-    # Two halves of about equal cost, drawn side by side when there are worker processes.
-    (lam, front, width_p), (l0, cross, circuit) = workers.side_by_side([
-        lambda: (P.phase_diagram(out, grid, width, "lambda"), P.front(out, grid),
-                 P.width_plot(out, onset)),
-        lambda: (P.phase_diagram(out, grid, width, "l0"), P.cross_share_plot(out, grid, width),
-                 P.circuit_plot(out, rows))])
+    # Two halves of about equal cost, drawn side by side when there are worker processes
+    # (whose results travel as JSON: the paths as text).
+    halves = workers.side_by_side([
+        lambda: _names(P.phase_diagram(out, grid, width, "lambda"), P.front(out, grid),
+                       P.width_plot(out, onset)),
+        lambda: _names(P.phase_diagram(out, grid, width, "l0"),
+                       P.cross_share_plot(out, grid, width), P.circuit_plot(out, rows))])
+    (lam, front, width_p), (l0, cross, circuit) = [[p and Path(p) for p in h] for h in halves]
     plots = [lam, l0, front, cross] + [p for p in (width_p, circuit) if p is not None]
     parts = [_header(spec, grid, runner, width), _summary(gone, versus, mitig, onset),
              _gone_section(gone, tracked), _matched_section(rows, versus),
@@ -51,6 +53,10 @@ def write_sweep_report(out: Path, spec, runner, grid: list[dict], matched: dict 
                "plt_vs_clt": versus, "mitigations": mitig, "tracking": tracked,
                "tables": {"disappearance": gone, "matched": [_flat(r) for r in strip]}}
     return report, plots, summary
+
+
+def _names(*paths: Path | None) -> list[str | None]:
+    return [None if p is None else str(p) for p in paths]
 
 
 def _flat(row: dict) -> dict:

@@ -102,8 +102,11 @@ def test_case_studies_lists_the_toy(capsys):
 
 
 def test_reproduce_quick_end_to_end(tmp_path, capsys):
+    """Two worker processes, whatever the machine's load: the forked paths end to end (the
+    report's plots are drawn in two of them)."""
     out = tmp_path / "repro"
-    assert main(["reproduce", "--quick", "--out", str(out), "--wandb-mode", "offline"]) == 0
+    assert main(["reproduce", "--quick", "--out", str(out), "--wandb-mode", "offline",
+                 "--threads", "2"]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert {r["arch"] for r in runs} == {"plt", "clt"}
     for r in runs:

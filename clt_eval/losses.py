@@ -118,14 +118,14 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
     fewer and cheaper ops than gathering each group's rows and scattering them back.
     ``cfgs`` is one ``LossConfig``, one per run, or a ``LossPlan``.
     """
-    R = out.acts_RBLF.shape[0]
+    R = out.pre_RBLF.shape[0]
     plan = LossPlan.build(cfgs, R)
     if block_norms_RSTF is None and plan.normed:
         block_norms_RSTF = tc.decoder_block_norms()
     values = _group_penalties(tc, out, plan, block_norms_RSTF)
     if len(plan.groups) == 1:
-        return next(iter(values.values()), out.acts_RBLF.new_zeros(R))
-    result = out.acts_RBLF.new_zeros(R)  # TopK / BatchTopK: a fixed budget, no penalty
+        return next(iter(values.values()), out.pre_RBLF.new_zeros(R))
+    result = out.pre_RBLF.new_zeros(R)  # TopK / BatchTopK: a fixed budget, no penalty
     for key, value in values.items():
         result = torch.where(plan.groups[key], value, result)
     return result
@@ -219,7 +219,7 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
     ``cfgs`` is one ``LossConfig`` for all runs, one per run, or a prebuilt ``LossPlan``;
     ``coef_R`` is each run's current λ (after warm-up).
     """
-    B, R = target_BLD.shape[-3], out.acts_RBLF.shape[0]
+    B, R = target_BLD.shape[-3], out.pre_RBLF.shape[0]
     plan = LossPlan.build(cfgs, R)
     mse = row_sum((out.recon_RBLD - with_run_axis(target_BLD)).pow(2)) / B
     block_norms = tc.decoder_block_norms() if plan.normed else None  # once per step

@@ -22,8 +22,6 @@ rounds differently depending on the alignment of its inputs: measured).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
@@ -137,9 +135,33 @@ class ActiveSet:
         read from the listed entries instead of from every activation."""
         R, L = len(self.lists), len(self.lists[0])
         out = torch.zeros(R, L, self.n_cols, dtype=torch.bool, device=self.vals[0][0].device)
-        for r, layer in itertools.product(range(R), range(L)):
-            out[r, layer, self.lists[r][layer].cols[self.vals[r][layer] > 0]] = True
+        for r, layer, lst in self._entries():
+            out[r, layer, lst.cols[self.vals[r][layer] > 0]] = True
         return out
+
+    def dense(self) -> torch.Tensor:
+        """[R,B,L,F]: the activations, zero outside the listed entries; in the autograd
+        graph through ``vals`` (each slot is written once: no accumulation order)."""
+        R, L = len(self.lists), len(self.lists[0])
+        vals = [v for per_run in self.vals for v in per_run]
+        index = [(torch.full_like(lst.rows, r), lst.rows, torch.full_like(lst.rows, layer),
+                  lst.cols) for r, layer, lst in self._entries()]
+        out = vals[0].new_zeros(R, self.n_rows, L, self.n_cols)
+        return out.index_put(tuple(torch.cat(axis) for axis in zip(*index, strict=True)),
+                             torch.cat(vals))
+
+    @torch.no_grad()
+    def l0(self) -> torch.Tensor:
+        """[R, B]: each sample's count of positive activations over all layers, ``(acts >
+        0)`` summed per sample, from the listed entries."""
+        out = torch.zeros(len(self.lists), self.n_rows, device=self.vals[0][0].device)
+        for r, layer, lst in self._entries():
+            out[r] += torch.bincount(lst.rows[self.vals[r][layer] > 0], minlength=self.n_rows)
+        return out
+
+    def _entries(self):
+        return [(r, layer, lst) for r, layers in enumerate(self.lists)
+                for layer, lst in enumerate(layers)]
 
     def sparse_R(self) -> torch.Tensor:
         """[R] bool: which runs list few enough entries for the sparse arithmetic."""
@@ -203,28 +225,28 @@ class Selection:
         self.lists: list[list[Listed]] = []
         self.cut_RL: torch.Tensor | None = None
 
-    def __call__(self, pre_RBLF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(acts [R,B,L,F], the kept values of every run and layer in list order [N])."""
-        R, B, L, F = pre_RBLF.shape
-        acts = torch.zeros_like(pre_RBLF)
+    def __call__(self, pre_RBLF: torch.Tensor) -> torch.Tensor:
+        """The kept values of every run and layer in list order [N]. No dense activations
+        are built: at real widths zeroing a [R,B,L,F] tensor every step costs as much as
+        the selection (``ActiveSet.dense`` builds it when something reads it)."""
+        R = pre_RBLF.shape[0]
         pick = self._per_sample if self.kind == "topk" else self._per_batch
         cuts, vals = [], []
         for r in range(R):
-            lists, v, cut = pick(pre_RBLF[r], acts[r], self.k_R[r])
+            lists, v, cut = pick(pre_RBLF[r], self.k_R[r])
             self.lists.append(lists)
             vals += v
             cuts.append(cut)
         if self.kind == "batchtopk":
             self.cut_RL = torch.stack(cuts)
-        return acts, torch.cat(vals)
+        return torch.cat(vals)
 
-    def _per_sample(self, pre_BLF, acts_BLF, k):
+    def _per_sample(self, pre_BLF, k):
         B, L, F = pre_BLF.shape
         rows_BK = torch.arange(B, device=pre_BLF.device)[:, None]
         if not self.joint:  # k per sample and layer: every sample lists k entries
             v, i = pre_BLF.topk(min(k, F), dim=-1, sorted=False)
             v = v.relu()  # on the k kept values, not on all B·F
-            acts_BLF.scatter_(-1, i, v)
             kk = v.shape[-1]
             rows = rows_BK.expand(B, kk).reshape(-1)
             starts = torch.arange(B, device=v.device) * kk
@@ -232,31 +254,25 @@ class Selection:
                      for layer in range(L)]
             return lists, [v[:, layer].reshape(-1) for layer in range(L)], None
         v, i = pre_BLF.reshape(B, L * F).topk(min(k, L * F), dim=-1, sorted=False)
-        v = v.relu()
-        acts_BLF.view(B, L * F).scatter_(-1, i, v)
-        return self._split(rows_BK.expand_as(i), i // F, i % F, v, B, L, F)
+        return self._split(rows_BK.expand_as(i), i // F, i % F, v.relu(), B, L, F)
 
-    def _per_batch(self, pre_BLF, acts_BLF, k):
+    def _per_batch(self, pre_BLF, k):
         B, L, F = pre_BLF.shape
         if self.joint:  # k·B over all samples and layers
             flat = [pre_BLF.reshape(-1)]
         else:  # k·B per layer over all samples
             flat = [pre_BLF[:, layer].reshape(-1) for layer in range(L)]
         lists, vals, cuts = [], [], []
-        for j, f in enumerate(flat):
+        for f in flat:
             v, i = f.topk(min(k * B, f.numel()), sorted=False)
             i, order = i.sort()  # samples in order
             v = v[order].relu()
             cuts.append(torch.where(v > 0, v, torch.inf).amin().nan_to_num(posinf=0.0)
                         if len(v) else v.new_zeros(()))
             if self.joint:
-                rows, layer, cols = i // (L * F), (i // F) % L, i % F
-                acts_BLF[rows, layer, cols] = v
-                lists, vals, _ = self._split(rows, layer, cols, v, B, L, F)
+                lists, vals, _ = self._split(i // (L * F), (i // F) % L, i % F, v, B, L, F)
                 return lists, vals, cuts[0].expand(L)
-            rows, cols = i // F, i % F
-            acts_BLF[rows, j, cols] = v
-            lists.append(Listed(rows, cols, B, F))
+            lists.append(Listed(i // F, i % F, B, F))
             vals.append(v)
         return lists, vals, torch.stack(cuts)
 
@@ -290,13 +306,11 @@ def _encode_into(pre_RBLF, x, W_RLDF, b_RLF) -> None:
                         out=pre_RBLF[r, :, layer])
 
 
-def _dense_gradient(g_pre, g_acts, g_vals, acts, vals, select, shape) -> torch.Tensor:
+def _dense_gradient(g_pre, g_vals, vals, select, shape) -> torch.Tensor:
     """[R,B,L,F]: every gradient reaching the pre-activations, summed densely."""
     G = g_pre.clone() if g_pre is not None else torch.zeros(shape, dtype=vals.dtype,
                                                             device=vals.device)
-    if g_acts is not None:  # acts = z where kept and positive (acts > 0), else 0
-        G += g_acts * (acts > 0)
-    if g_vals is not None:
+    if g_vals is not None:  # a kept value is z where positive (its ReLU), else 0
         flat = [(r, layer, lst) for r, layers in enumerate(select.lists)
                 for layer, lst in enumerate(layers)]
         pieces = (g_vals * (vals > 0)).split([len(lst) for _, _, lst in flat])
@@ -318,15 +332,15 @@ def _entries_of(G_BLF: torch.Tensor) -> tuple[list[Listed], list[torch.Tensor]]:
     return lists, grads
 
 
-def _plans(ctx, g_pre, g_acts, g_vals):
+def _plans(ctx, g_pre, g_vals):
     """Per run: ("listed", lists, gradients per layer) or ("dense", G [B,L,F]). Each run is
     judged on its own numbers: sparse enough (``sparse_enough``) or not."""
     x, W, *kept = ctx.saved_tensors
     select = ctx.select
     R, L, _, F = W.shape
     B = x.shape[-3]
-    if g_pre is None and g_acts is None:  # only the listed values' gradients: no scan
-        acts, vals = kept
+    if g_pre is None:  # only the listed values' gradients: no scan
+        (vals,) = kept
         flat = [lst for layers in select.lists for lst in layers]
         # through the ReLU on the kept values: kept and positive
         pieces = (g_vals * (vals > 0)).split([len(lst) for lst in flat])
@@ -336,8 +350,8 @@ def _plans(ctx, g_pre, g_acts, g_vals):
     # Some gradient arrives dense (or a run lists too many entries): sum it all densely and
     # list each sparse run's nonzero entries. Bit for bit what the listed path gives a run:
     # per feature the same samples in the same order, less entries whose gradient is 0.
-    acts, vals = kept if kept else (None, None)
-    G = _dense_gradient(g_pre, g_acts, g_vals, acts, vals, select, (R, B, L, F))
+    vals = kept[0] if kept else None
+    G = _dense_gradient(g_pre, g_vals, vals, select, (R, B, L, F))
     nz_R = (G != 0).flatten(1).sum(1).tolist()
     return [("listed", *_entries_of(G[r])) if sparse_enough(nz_R[r], B * L * F)
             else ("dense", G[r]) for r in range(R)]
@@ -357,14 +371,14 @@ class _SparseEncode(torch.autograd.Function):
         if select is None:
             ctx.save_for_backward(x, W_RLDF)
             return pre
-        acts, vals = select(pre)
-        ctx.save_for_backward(x, W_RLDF, acts, vals)
-        return pre, acts, vals
+        vals = select(pre)
+        ctx.save_for_backward(x, W_RLDF, vals)
+        return pre, vals
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_pre, g_acts=None, g_vals=None):
-        if g_pre is None and g_acts is None and g_vals is None:
+    def backward(ctx, g_pre, g_vals=None):
+        if g_pre is None and g_vals is None:
             return None, None, None, None
         x, W = ctx.saved_tensors[:2]
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
@@ -373,7 +387,7 @@ class _SparseEncode(torch.autograd.Function):
         gW = torch.empty_like(W) if need_W else None
         gb = torch.empty(R, L, F, dtype=W.dtype, device=W.device) if need_b else None
         ones = x.new_ones(x.shape[-3], 1)
-        for r, (kind, *plan) in enumerate(_plans(ctx, g_pre, g_acts, g_vals)):
+        for r, (kind, *plan) in enumerate(_plans(ctx, g_pre, g_vals)):
             for layer in range(L):
                 x_BD = _x_of(x, r, layer)
                 gx_BD = None if gx is None else _x_of(gx, r, layer)
@@ -420,9 +434,10 @@ def _dense_layer(G_BF, x_BD, W_DF, gW, gb, gx_BD, r, layer) -> None:
 def sparse_encode(x: torch.Tensor, W_RLDF: torch.Tensor, b_RLF: torch.Tensor,
                   select: Selection | None = None):
     """Pre-activations [R,B,L,F] of inputs shared ([B,L,D]) or per run ([R,B,L,D]); with a
-    ``Selection`` also (acts [R,B,L,F], ``ActiveSet`` of the kept entries). For wide, sparse
-    transcoders: see the module's docstring."""
+    ``Selection``, (pre-activations, ``ActiveSet`` of the kept entries), whose ``dense()``
+    gives the activations [R,B,L,F]. For wide, sparse transcoders: see the module's
+    docstring."""
     if select is None:
         return _SparseEncode.apply(x, W_RLDF, b_RLF, None)
-    pre, acts, vals = _SparseEncode.apply(x, W_RLDF, b_RLF, select)
-    return pre, acts, select.active_set(vals)
+    pre, vals = _SparseEncode.apply(x, W_RLDF, b_RLF, select)
+    return pre, select.active_set(vals)

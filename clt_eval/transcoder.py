@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -187,14 +186,36 @@ def _groups(keys: list) -> dict:
     return out
 
 
-@dataclass
 class TranscoderOutput:
-    pre_RBLF: torch.Tensor  # encoder pre-activations z
-    acts_RBLF: torch.Tensor  # feature activations a = σ(z)
-    recon_RBLD: torch.Tensor  # ŷ, the reconstructed MLP outputs
-    # The kept entries, listed, when a sparse encode selected them (else None): what the
-    # trainer's dead-feature clock reads instead of scanning every activation.
-    active: ActiveSet | None = None
+    """A forward pass: pre-activations z [R,B,L,F], activations a = σ(z) [R,B,L,F] and the
+    reconstructed MLP outputs ŷ [R,B,L,D]. When a sparse encode selected the features
+    (TopK / BatchTopK at real widths), ``active`` lists the kept entries and the dense
+    activations are built only if something reads ``acts_RBLF``: training reads the list."""
+
+    def __init__(self, pre_RBLF: torch.Tensor, acts_RBLF: torch.Tensor | None,
+                 recon_RBLD: torch.Tensor, active: ActiveSet | None = None):
+        if acts_RBLF is None and active is None:
+            raise ValueError("TranscoderOutput: acts_RBLF is None and there is no active set "
+                             "to build it from")
+        self.pre_RBLF, self.recon_RBLD, self.active = pre_RBLF, recon_RBLD, active
+        self._acts = acts_RBLF
+
+    @property
+    def acts_RBLF(self) -> torch.Tensor:
+        if self._acts is not None:
+            return self._acts
+        acts = self.active.dense()
+        in_graph = any(v.requires_grad for vs in self.active.vals for v in vs)
+        if acts.requires_grad or not in_graph:  # not kept if built under no_grad: a later
+            self._acts = acts                   # read may need the graph
+        return acts
+
+    def l0_RB(self) -> torch.Tensor:
+        """[R, B]: each sample's count of active features over all layers."""
+        if self.active is not None:
+            return self.active.l0()
+        R, B = self.pre_RBLF.shape[:2]
+        return row_sum((self.acts_RBLF > 0).float().reshape(R * B, -1)).view(R, B)
 
 
 def structure_mask(arch: str, n_layers: int) -> torch.Tensor:
@@ -504,22 +525,32 @@ class Transcoder(nn.Module):
         return W if runs is None else W[runs]
 
     def _write_group(self, acts_RBLF, support_RBLF, runs, plt: bool) -> torch.Tensor:
-        """[R_g,B,L,D] for runs of one kind (dense or sparse decode; PLT or not)."""
-        R, B, L, F = acts_RBLF.shape
-        y = acts_RBLF.new_zeros(R, B, L, self.cfg.d_model)
-        # unbind, not acts[:, :, s]: the backward of L selections would build L gradients
-        # the size of all activations, the backward of one unbind stacks L slices once.
-        for s, a_RBF in enumerate(acts_RBLF.unbind(2)):  # a fixed order of sources
+        """[R_g,B,L,D] for runs of one kind (dense or sparse decode; PLT or not).
+        ``acts_RBLF`` may be None when ``support_RBLF`` is an ActiveSet: its values are the
+        activations."""
+        listed = isinstance(support_RBLF, ActiveSet)
+        if acts_RBLF is None:
+            R, B, L, F = (len(support_RBLF.lists), support_RBLF.n_rows,
+                          len(support_RBLF.lists[0]), support_RBLF.n_cols)
+            y = support_RBLF.vals[0][0].new_zeros(R, B, L, self.cfg.d_model)
+            sources = [None] * L
+        else:
+            R, B, L, F = acts_RBLF.shape
+            y = acts_RBLF.new_zeros(R, B, L, self.cfg.d_model)
+            # unbind, not acts[:, :, s]: the backward of L selections would build L
+            # gradients the size of all activations; that of one unbind stacks L slices.
+            sources = acts_RBLF.unbind(2)
+        for s, a_RBF in enumerate(sources):  # a fixed order of sources
             W = self._group_weights(s, runs, plt)
             T = W.shape[2]
             if support_RBLF is None:
                 part = self._product(a_RBF, W.reshape(R, F, -1))
             else:  # each run alone: its numbers never see another run's
-                sups = (support_RBLF.source(s) if isinstance(support_RBLF, ActiveSet)
-                        else support_RBLF[:, :, s].unbind(0))
+                sups = (support_RBLF.source(s) if listed else support_RBLF[:, :, s].unbind(0))
+                a_R = [None] * R if a_RBF is None else a_RBF.unbind(0)
                 part = torch.stack([sparse_source_decode(a, sup, W_r.reshape(F, -1))
-                                    for a, sup, W_r in zip(a_RBF.unbind(0), sups,
-                                                           W.unbind(0), strict=True)])
+                                    for a, sup, W_r in zip(a_R, sups, W.unbind(0),
+                                                           strict=True)])
             y[:, :, s:s + T] += part.view(R, B, T, -1)
         return y
 
@@ -535,12 +566,13 @@ class Transcoder(nn.Module):
         return [([i for i, k in enumerate(keys) if k == key], *key)
                 for key in sorted(set(keys))]
 
-    def write(self, acts_RBLF: torch.Tensor, support_RBLF: torch.Tensor | None = None,
+    def write(self, acts_RBLF: torch.Tensor | None, support_RBLF: torch.Tensor | None = None,
               runs: list[int] | None = None) -> torch.Tensor:
         """[R,B,T,D]: Σ_s a_s W_dec^{s→t}, what the features write (no bias, no skip), summed
         over sources in a fixed order. Sparse runs read only the features in
         ``support_RBLF`` (default: the active ones). ``runs``: the runs whose activations
-        ``acts_RBLF`` holds, one row each (default: all); each is decoded as it is alone."""
+        ``acts_RBLF`` holds, one row each (default: all); each is decoded as it is alone.
+        ``acts_RBLF`` may be None when ``support_RBLF`` is an ``ActiveSet``."""
         sparse_N = support = None
         if self.may_decode_sparsely():
             support = acts_RBLF != 0 if support_RBLF is None else support_RBLF
@@ -549,9 +581,11 @@ class Transcoder(nn.Module):
         runs = list(range(self.n_runs)) if everyone else runs
         keys = self._row_keys(sparse_N, runs)
         groups = self._run_groups(keys)
-        if len(groups) == 1 and everyone:  # no copies of the weights: the common case
-            _, sparse, plt = groups[0]
+        if len(groups) == 1 and everyone and (groups[0][1] or acts_RBLF is not None):
+            _, sparse, plt = groups[0]  # the common case: no copies of the weights
             return self._write_group(acts_RBLF, support if sparse else None, None, plt)
+        if acts_RBLF is None:  # a dense decode, or runs of several kinds: slices of these
+            acts_RBLF = support_RBLF.dense()
         segs = act.segments(keys)
         if everyone and act.contiguous(segs, len(groups)):  # runs ordered by kind: views
             return act.apply_by_segment(
@@ -577,7 +611,8 @@ class Transcoder(nn.Module):
     def forward(self, x_BLD: torch.Tensor) -> TranscoderOutput:
         select = self._selection(x_BLD)
         if select is not None:  # encode and select in one: the kept entries come listed
-            pre, acts, support = sparse_encode(x_BLD, self.W_enc, self.b_enc, select)
+            pre, support = sparse_encode(x_BLD, self.W_enc, self.b_enc, select)
+            acts = None  # built from ``support`` only if something reads it
             if select.cut_RL is not None:
                 self._track_threshold(select.cut_RL)
         else:

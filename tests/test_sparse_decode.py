@@ -280,8 +280,12 @@ def test_listed_entries_tell_which_features_fired(kind):
     """``ActiveSet.fired``: the dead-feature clock's input without a pass over [R,B,L,F]."""
     tc = _tc(["clt", "plt"], **CASES[kind])
     x = _data(4)[0]
-    pre, acts, active = S.sparse_encode(x, tc.W_enc, tc.b_enc, tc._selection(x))
+    pre, active = S.sparse_encode(x, tc.W_enc, tc.b_enc, tc._selection(x))
+    acts = tc.activate(pre)  # the activations the listed entries stand for
+    assert torch.equal(active.dense(), acts)
     assert torch.equal(active.fired(), (acts > 0).any(1))
+    R, B_ = acts.shape[:2]
+    assert torch.equal(active.l0(), (acts > 0).float().reshape(R, B_, -1).sum(-1))
     assert active.fired().any() and not active.fired().all()
 
 

@@ -27,7 +27,7 @@ from clt_eval.config import LossConfig
 from clt_eval.losses import LossPlan, row_mean, training_loss
 from clt_eval.training import distributed
 from clt_eval.training.config import TrainConfig
-from clt_eval.transcoder import Transcoder, row_sum
+from clt_eval.transcoder import Transcoder
 
 Logger = Callable[[int, dict], None]  # (step, {name: [R] tensor})
 
@@ -126,10 +126,8 @@ def _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint) ->
         if progress is not None:
             progress.update(1)
         if _due(step, cfg.log_every, cfg.steps):
-            R, B = out.acts_RBLF.shape[:2]
-            l0 = row_sum((out.acts_RBLF > 0).float().reshape(R * B, -1)).view(R, B)
             last = {"loss": parts.total_R.detach().float(), "mse": parts.mse_R.float(),
-                    "sparsity": parts.sparsity_R.float(), "l0": row_mean(l0)}
+                    "sparsity": parts.sparsity_R.float(), "l0": row_mean(out.l0_RB())}
             # data parallel: the values of the global batch, not of this rank's rows
             last = {k: distributed.mean_over_ranks(v) for k, v in last.items()}
             if logger is not None:

@@ -219,6 +219,42 @@ def test_auxk_and_dense_terms_reach_the_encoder(kind, monkeypatch):
     assert calls["dense"] == L and calls["listed"] == L
 
 
+@pytest.mark.parametrize("kind", ["topk", "batchtopk_layer"])
+def test_a_term_on_the_activations_gets_them_built_from_the_list(kind, monkeypatch):
+    """TopK and BatchTopK training builds no dense activations; a term that reads them gets
+    them built from the listed entries, with the dense path's gradients."""
+    tc = _tc(["clt", "plt"], **CASES[kind])
+    x, y = _data(8)
+    state = {k: v.clone() for k, v in tc.state_dict().items()}
+    grads = []
+    for sparse in (True, False):
+        monkeypatch.setattr(Transcoder, "sparse_decode", sparse)
+        tc.load_state_dict(state)
+        tc.zero_grad()
+        out = tc(x)
+        loss = training_loss(tc, out, y, LOSSES[kind], torch.zeros(2)).total_R.sum()
+        (loss + 0.1 * out.acts_RBLF.pow(2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in tc.named_parameters()})
+    assert grads[0]["W_enc"].abs().sum() > 0
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-5,
+                                   msg=name)
+
+
+def test_activations_are_built_on_first_read_and_kept_only_with_their_graph():
+    tc = _tc(["plt", "clt"], **CASES["topk"])
+    out = tc(_data(9)[0])
+    assert out.active is not None and out._acts is None  # nothing dense yet
+    with torch.no_grad():
+        without_graph = out.acts_RBLF
+    assert out._acts is None  # a later read may need the graph: not kept
+    acts = out.acts_RBLF
+    assert acts.requires_grad and out.acts_RBLF is acts
+    assert torch.equal(acts, without_graph) and torch.equal(acts, tc.activate(out.pre_RBLF))
+    acts.sum().backward()
+    assert tc.W_enc.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("per_run_x", [False, True])
 def test_sparse_encode_gradient_of_the_inputs(per_run_x):
     g = torch.Generator().manual_seed(4)

@@ -52,6 +52,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def each_list(lists: list[list[Listed]]) -> list[tuple[int, int, Listed]]:
+    """(run, layer, entries) for every run's and layer's list, runs first."""
+    return [(r, layer, lst) for r, layers in enumerate(lists) for layer, lst in enumerate(layers)]
+
+
 def _starts(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
     """[n]: where each id's entries start in ``sorted_ids`` (ascending): embedding_bag's
     offsets for bags 0..n-1 (an empty bag starts where the next one does)."""
@@ -135,7 +140,7 @@ class ActiveSet:
         read from the listed entries instead of from every activation."""
         R, L = len(self.lists), len(self.lists[0])
         out = torch.zeros(R, L, self.n_cols, dtype=torch.bool, device=self.vals[0][0].device)
-        for r, layer, lst in self._entries():
+        for r, layer, lst in each_list(self.lists):
             out[r, layer, lst.cols[self.vals[r][layer] > 0]] = True
         return out
 
@@ -145,7 +150,7 @@ class ActiveSet:
         R, L = len(self.lists), len(self.lists[0])
         vals = [v for per_run in self.vals for v in per_run]
         index = [(torch.full_like(lst.rows, r), lst.rows, torch.full_like(lst.rows, layer),
-                  lst.cols) for r, layer, lst in self._entries()]
+                  lst.cols) for r, layer, lst in each_list(self.lists)]
         out = vals[0].new_zeros(R, self.n_rows, L, self.n_cols)
         return out.index_put(tuple(torch.cat(axis) for axis in zip(*index, strict=True)),
                              torch.cat(vals))
@@ -155,13 +160,9 @@ class ActiveSet:
         """[R, B]: each sample's count of positive activations over all layers, ``(acts >
         0)`` summed per sample, from the listed entries."""
         out = torch.zeros(len(self.lists), self.n_rows, device=self.vals[0][0].device)
-        for r, layer, lst in self._entries():
+        for r, layer, lst in each_list(self.lists):
             out[r] += torch.bincount(lst.rows[self.vals[r][layer] > 0], minlength=self.n_rows)
         return out
-
-    def _entries(self):
-        return [(r, layer, lst) for r, layers in enumerate(self.lists)
-                for layer, lst in enumerate(layers)]
 
     def sparse_R(self) -> torch.Tensor:
         """[R] bool: which runs list few enough entries for the sparse arithmetic."""
@@ -227,8 +228,9 @@ class Selection:
 
     def __call__(self, pre_RBLF: torch.Tensor) -> torch.Tensor:
         """The kept values of every run and layer in list order [N]. No dense activations
-        are built: at real widths zeroing a [R,B,L,F] tensor every step costs as much as
-        the selection (``ActiveSet.dense`` builds it when something reads it)."""
+        are built: at real widths zeroing a [R,B,L,F] tensor every step costs about two
+        thirds of the selection itself (measured 27 vs 42 ms at 4,096 × 8,192, k = 32);
+        ``ActiveSet.dense`` builds it when something reads it."""
         R = pre_RBLF.shape[0]
         pick = self._per_sample if self.kind == "topk" else self._per_batch
         cuts, vals = [], []
@@ -311,8 +313,7 @@ def _dense_gradient(g_pre, g_vals, vals, select, shape) -> torch.Tensor:
     G = g_pre.clone() if g_pre is not None else torch.zeros(shape, dtype=vals.dtype,
                                                             device=vals.device)
     if g_vals is not None:  # a kept value is z where positive (its ReLU), else 0
-        flat = [(r, layer, lst) for r, layers in enumerate(select.lists)
-                for layer, lst in enumerate(layers)]
+        flat = each_list(select.lists)
         pieces = (g_vals * (vals > 0)).split([len(lst) for _, _, lst in flat])
         for (r, layer, lst), g in zip(flat, pieces, strict=True):
             G[r, :, layer].index_put_((lst.rows, lst.cols), g, accumulate=True)

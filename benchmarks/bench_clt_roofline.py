@@ -32,6 +32,7 @@ import time
 import torch
 
 from clt_eval.config import LossConfig, TranscoderConfig
+from clt_eval.device import keep_freed_memory
 from clt_eval.losses import training_loss
 from clt_eval.transcoder import Transcoder
 
@@ -91,7 +92,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64, help="TopK's k per layer")
     ap.add_argument("--inexact", action="store_true", help="batched kernels (exact=False)")
     ap.add_argument("--dense", action="store_true", help="never decode sparsely")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="leave malloc as it is (the trainer keeps freed memory on the CPU)")
     args = ap.parse_args()
+    if not args.glibc_defaults:
+        keep_freed_memory()  # as the trainer does on the CPU
     L, F, D, B = args.layers, args.features, args.d_model, args.batch
 
     rates = {s: mm_rate(*s) for s in MM_SIZES}

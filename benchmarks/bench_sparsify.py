@@ -9,10 +9,13 @@ torch wheel the project uses plus the ``eai-sparsify`` package from PyPI; never 
 into the project's environment, never a project dependency), with its training loss
 (``fvu``; its AuxK term is 0 with no dead latents, as here), backward and ``torch.optim.Adam``.
 Both use the same number of threads, the same random data, ``--warmup`` untimed steps and
-the median of ``--steps`` timed ones. With ``--rounds N`` the two alternate N times and each
-reports its best round: other jobs on a shared machine slow one side at a time, and the
-fastest round is the one least disturbed. ``--profile`` prints clt-eval's step by operator
-(torch.profiler; it slows the step a little). The issue's target: clt-eval >= 1.5x faster.
+the median of ``--steps`` timed ones. clt-eval's trainer has glibc's malloc keep freed
+memory on the CPU (``clt_eval.device.keep_freed_memory``); sparsify does not, unless
+``--sparsify-kept-memory`` sets the same for its process. With ``--rounds N`` the two
+alternate N times and each reports its best round: other jobs on a shared machine slow one
+side at a time, and the fastest round is the one least disturbed. ``--profile`` prints
+clt-eval's step by operator (torch.profiler; it slows the step a little). The issue's
+target: clt-eval >= 1.5x faster.
 
     .venv/bin/python benchmarks/bench_sparsify.py [--threads 2] [--steps 3] [--rounds 3]
 """
@@ -72,6 +75,9 @@ def parse():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--sparsify-kept-memory", action="store_true",
+                   help="run sparsify with malloc keeping freed memory too, as clt-eval's "
+                        "trainer sets it (GLIBC_TUNABLES)")
     return p.parse_args()
 
 
@@ -95,9 +101,11 @@ def time_sparsify(args) -> tuple[list[float], str]:
     python = ensure_venv()
     spec = {"batch": args.batch, "d_model": args.d_model, "features": args.features,
             "k": args.k, "threads": args.threads, "warmup": args.warmup, "steps": args.steps}
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    if args.sparsify_kept_memory:  # the settings of clt_eval.device.keep_freed_memory
+        env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
     res = subprocess.run([str(python), "-c", SPARSIFY_STEP, json.dumps(spec)],
-                         capture_output=True, text=True, cwd="/",
-                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                         capture_output=True, text=True, cwd="/", env=env)
     if res.returncode != 0:
         sys.exit(f"sparsify step failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])

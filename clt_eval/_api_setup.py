@@ -56,19 +56,26 @@ def tiny_products(case_name: str, width: int, batch_size: int) -> bool:
 def compute(threads: Threads, device: str | None = None, dtype: str | None = None,
             tiny: bool = False) -> Iterator[None]:
     """Check the device (it may need a GPU) and dtype; run with torch's CPU threads set to
-    ``threads``, and give the caller its own setting back afterwards. ``tiny`` (see
+    ``threads``, and give the caller its own setting back afterwards. On the CPU, freed
+    memory is kept for reuse from then on (``keep_freed_memory``). ``tiny`` (see
     ``tiny_products``): one torch thread in each of ``threads`` processes that share the
     large ensembles (training/workers.py; "auto": the idle physical cores)."""
     import torch
 
-    from clt_eval.device import auto_threads, auto_workers, resolve_device, resolve_dtype
+    from clt_eval.device import (
+        auto_threads,
+        auto_workers,
+        keep_freed_memory,
+        resolve_device,
+        resolve_dtype,
+    )
     from clt_eval.training.workers import use_workers
 
     require(threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
                                   and threads >= 1),
             f"threads={threads!r}: expected 'auto' or an integer >= 1")
-    if device is not None:
-        resolve_device(device)
+    if device is None or resolve_device(device).type == "cpu":
+        keep_freed_memory()  # large CPU tensors reuse memory instead of faulting in pages
     if dtype is not None:
         resolve_dtype(dtype)
     before = torch.get_num_threads()

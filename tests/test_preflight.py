@@ -225,6 +225,42 @@ def test_auto_threads_leave_the_cores_other_jobs_keep_busy(monkeypatch):
     assert auto_threads() == 1 <= quiet
 
 
+# Allocates and frees a 64 MB tensor; prints whether malloc kept it and how it served it.
+_KEPT_MEMORY_PROBE = r"""
+import ctypes, json, sys
+import torch
+from clt_eval.device import keep_freed_memory
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2 (size_t fields)
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+            "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+kept = keep_freed_memory()
+t = torch.empty(16 << 20)  # 64 MB: glibc maps any block over 32 MB on its own by default
+mapped = libc.mallinfo2().hblkhd
+del t
+print(json.dumps({"kept": kept, "mapped": mapped, "free": libc.mallinfo2().fordblks}))
+"""
+
+
+def _kept_memory_probe(**env) -> dict:
+    res = subprocess.run([sys.executable, "-c", _KEPT_MEMORY_PROBE], capture_output=True,
+                         text=True, env={**os.environ, **env}, check=True)
+    return json.loads(res.stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's malloc only")
+def test_large_tensors_reuse_freed_memory_unless_opted_out():
+    on = _kept_memory_probe(CLT_EVAL_KEEP_FREED_MEMORY="1")
+    assert on["kept"] and on["mapped"] < 16 << 20  # served from the heap...
+    assert on["free"] >= 64 << 20  # ...and kept there once freed, for the next one
+    off = _kept_memory_probe(CLT_EVAL_KEEP_FREED_MEMORY="0")
+    assert not off["kept"] and off["mapped"] >= 64 << 20  # glibc's default: its own mapping
+
+
 def test_toy_products_are_tiny_and_wide_or_real_ones_are_not():
     from clt_eval._api_setup import tiny_products
 

@@ -8,7 +8,7 @@ tensors' total size (target ≤ 1.2) and the peak that ratio projects for Gemma-
 (26 layers × 16,384 features × d_model 2,304).
 
     .venv/bin/python benchmarks/bench_memory.py [--layers 12 --features 4096 --d-model 768]
-        [--format clt-eval|circuit-tracer|both]
+        [--format clt-eval|circuit-tracer|both] [--malloc kept|default]
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ LOADERS = {"clt-eval": "from clt_eval.io import load_transcoder as load",
 CHILD = """
 import resource, sys, torch
 {loader}
+if sys.argv[2] == "kept":  # as every clt-eval command on the CPU runs
+    from clt_eval.device import keep_freed_memory
+    keep_freed_memory()
 torch.randn(8, 8) @ torch.randn(8, 8)  # BLAS and the allocator warmed up: part of the baseline
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tc = load(sys.argv[1])
@@ -89,15 +92,17 @@ print(base, after_load, peak)
 """
 
 
-def measure(folder: Path, fmt: str = "clt-eval") -> tuple[int, int, int]:
-    """(baseline, after load, peak after a forward pass) ru_maxrss of a fresh process, bytes."""
+def measure(folder: Path, fmt: str = "clt-eval", malloc: str = "kept") -> tuple[int, int, int]:
+    """(baseline, after load, peak after a forward pass) ru_maxrss of a fresh process, bytes.
+    ``malloc``: "kept" (freed memory kept for reuse, as clt-eval's commands set it on the
+    CPU) or "default" (glibc's own settings)."""
     child = CHILD.format(loader=LOADERS[fmt])
-    res = subprocess.run([sys.executable, "-c", child, str(folder)], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", child, str(folder), malloc], capture_output=True,
                          text=True, check=True)
     return tuple(int(v) * 1024 for v in res.stdout.split())  # Linux: ru_maxrss is in KiB
 
 
-def run_case(fmt: str, L: int, F: int, D: int) -> dict[str, float]:
+def run_case(fmt: str, L: int, F: int, D: int, malloc: str = "kept") -> dict[str, float]:
     """Write a CLT in format ``fmt`` (from another process), load it in a fresh one; the
     memory above the baseline, in bytes, and its ratio to the tensors' size."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +112,7 @@ def run_case(fmt: str, L: int, F: int, D: int) -> dict[str, float]:
         subprocess.run([sys.executable, __file__, "--write", str(folder), "--format", fmt,
                         "--layers", str(L), "--features", str(F), "--d-model", str(D)],
                        check=True)
-        base, after_load, peak = measure(folder, fmt)
+        base, after_load, peak = measure(folder, fmt, malloc)
     size = tensor_bytes(L, F, D)
     return {"base": base, "load": after_load - base, "peak": peak - base,
             "ratio": (peak - base) / size}
@@ -134,6 +139,9 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=4096)
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--format", choices=[*WRITERS, "both"], default="both")
+    ap.add_argument("--malloc", choices=["kept", "default"], default="kept",
+                    help="kept: freed memory kept for reuse, as clt-eval's commands set it on "
+                         "the CPU; default: glibc's own settings")
     ap.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: the writer
     args = ap.parse_args()
     L, F, D = args.layers, args.features, args.d_model
@@ -141,7 +149,8 @@ def main() -> None:
         WRITERS[args.format](args.write, L, F, D)
         return
     for fmt in WRITERS if args.format == "both" else [args.format]:
-        report(fmt, L, F, D, run_case(fmt, L, F, D))
+        print(f"malloc: {args.malloc}")
+        report(fmt, L, F, D, run_case(fmt, L, F, D, args.malloc))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ class LossPlan:
     preact_R: torch.Tensor
     auxk_R: torch.Tensor
     normed: bool  # does any run need the decoder block norms?
+    # Stretches of runs with equal (penalty, norm, c), in order: [(key, start, stop)].
+    segments: tuple = ()
 
     @classmethod
     def build(cls, cfgs, R: int) -> LossPlan:
@@ -100,11 +102,13 @@ class LossPlan:
                  for k, v in runs.items()}
         concat = torch.tensor([c.penalty in NORMED_PENALTIES and c.decoder_norm ==
                                "concatenated" for c in cfgs])
+        keys = [(c.penalty, c.decoder_norm, c.tanh_scale) for c in cfgs]
         return cls(masks, concat, cross,
                    torch.tensor([c.preact_coef for c in cfgs]),
                    torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
                                  for c in cfgs]),
-                   any(k[0] in NORMED_PENALTIES for k in runs) or bool((cross > 0).any()))
+                   any(k[0] in NORMED_PENALTIES for k in runs) or bool((cross > 0).any()),
+                   tuple(act.segments(keys)))
 
 
 def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
@@ -112,16 +116,23 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
     """Mean over the batch of each run's per-sample penalty, [R] (λ not applied).
 
     Runs are grouped by (penalty, norm, c), so l1 and tanh runs with any decoder norm train
-    side by side in one ensemble. Each group's penalty is computed for every run and kept
-    for the group's own runs (``torch.where``): a run's value is the one it gets alone, and
-    the others' terms reach it only as exact zeros, in value and gradient. Selecting costs
-    fewer and cheaper ops than gathering each group's rows and scattering them back.
-    ``cfgs`` is one ``LossConfig``, one per run, or a ``LossPlan``.
+    side by side in one ensemble. When the runs come in a few stretches of one group each
+    (the sweep orders them so), each stretch's penalty is computed on a view of its own
+    rows. Otherwise each group's penalty is computed for every run and kept for the
+    group's own runs (``torch.where``): the others' terms reach a run only as exact zeros,
+    in value and gradient, and selecting costs fewer and cheaper ops than gathering each
+    group's rows and scattering them back. Either way a run's value is the one it gets
+    alone. ``cfgs`` is one ``LossConfig``, one per run, or a ``LossPlan``.
     """
     R = out.pre_RBLF.shape[0]
     plan = LossPlan.build(cfgs, R)
     if block_norms_RSTF is None and plan.normed:
         block_norms_RSTF = tc.decoder_block_norms()
+    if len(plan.groups) > 1 and act.contiguous(list(plan.segments), len(plan.groups)):
+        return act.apply_by_segment(
+            lambda key, acts, rows: _segment_penalty(tc, out, key, acts, rows,
+                                                     block_norms_RSTF),
+            out.acts_RBLF, list(plan.segments))
     values = _group_penalties(tc, out, plan, block_norms_RSTF)
     if len(plan.groups) == 1:
         return next(iter(values.values()), out.pre_RBLF.new_zeros(R))
@@ -129,6 +140,19 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
     for key, value in values.items():
         result = torch.where(plan.groups[key], value, result)
     return result
+
+
+def _segment_penalty(tc, out, key: tuple, acts_RBLF, rows: slice, block_norms_RSTF):
+    """[R_seg]: the penalty of a stretch of runs that share ``key``, from their own rows
+    only (the same ops, row by row, as for the whole ensemble or a run alone)."""
+    penalty, norm, scale = key
+    if penalty == "l0":
+        return _l0_penalty(tc, out, rows)
+    if penalty not in NORMED_PENALTIES:  # TopK / BatchTopK: a fixed budget, no penalty
+        return acts_RBLF.new_zeros(acts_RBLF.shape[0])
+    blocks = block_norms_RSTF[rows]
+    norms = blocks if norm == "per_block" else feature_norms(blocks, norm)
+    return row_mean(summed_terms(weighted_acts(acts_RBLF, norms), penalty, scale))
 
 
 def _group_penalties(tc, out, plan: LossPlan, block_norms_RSTF) -> dict:
@@ -162,10 +186,12 @@ def _group_penalties(tc, out, plan: LossPlan, block_norms_RSTF) -> dict:
     return values
 
 
-def _l0_penalty(tc, out) -> torch.Tensor:
-    """[R]: the JumpReLU L0 penalty of every run, the mean count of features past θ."""
-    steps = act.step_l0(out.pre_RBLF, tc.threshold()[:, None], tc.cfg.jumprelu_bandwidth)
-    return row_sum(steps) / out.pre_RBLF.shape[1]
+def _l0_penalty(tc, out, rows: slice = slice(None)) -> torch.Tensor:
+    """[R]: the JumpReLU L0 penalty of every run (or of ``rows``), the mean count of
+    features past θ."""
+    pre = out.pre_RBLF[rows]
+    steps = act.step_l0(pre, tc.threshold()[rows][:, None], tc.cfg.jumprelu_bandwidth)
+    return row_sum(steps) / pre.shape[1]
 
 
 def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,

@@ -99,13 +99,18 @@ def test_a_run_in_an_ensemble_equals_the_run_alone(data, activation, batch_size)
         _assert_same_run(ens, i, part, j)
 
 
-def test_a_run_gets_the_same_bits_in_layout_order_and_in_any_order(data):
+@pytest.mark.parametrize("stretch_runs", [1, 10_000])
+def test_a_run_gets_the_same_bits_in_layout_order_and_in_any_order(data, monkeypatch,
+                                                                    stretch_runs):
     """The sweep orders an ensemble's runs by kind (``layout_key``), so that each kind is
     computed on a view of its rows; any other order gathers them. Both give every run the
-    same bits."""
+    same bits, with the penalties computed stretch by stretch (``stretch_runs`` 1: every
+    laid-out ensemble qualifies) or every penalty for every run."""
     from clt_eval import activations as act
+    from clt_eval import losses
     from clt_eval.training.experiment import layout_key
 
+    monkeypatch.setattr(losses, "MIN_STRETCH_RUNS", stretch_runs)
     specs = [s for kind in ("relu", "jumprelu", "topk", "batchtopk") for s in ENSEMBLES[kind]]
     laid_out = sorted(specs, key=layout_key)
     scrambled = laid_out[1::2] + laid_out[::2]
@@ -114,9 +119,15 @@ def test_a_run_gets_the_same_bits_in_layout_order_and_in_any_order(data):
         tc, _ = _fit(order, data, 80)
         segs_used = act.contiguous(tc.activation_segments, len(tc.activation_groups))
         assert segs_used == (name == "laid out"), name
+        if name == "laid out":
+            plan = losses.LossPlan.build([s.loss_config() for s in order], len(order))
+            assert losses._by_segment(plan, len(order)) == (stretch_runs == 1)
         fits[name] = tc
     for i, s in enumerate(laid_out):
         _assert_same_run(fits["laid out"], i, fits["scrambled"], scrambled.index(s))
+    for penalty in ("tanh", "l0"):  # and the same as alone
+        i = next(i for i, s in enumerate(laid_out) if s.penalty == penalty)
+        _assert_same_run(fits["laid out"], i, _fit([laid_out[i]], data, 80)[0])
 
 
 def test_minibatch_order_follows_each_runs_own_seed(data):

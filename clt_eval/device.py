@@ -161,8 +161,15 @@ def keep_freed_memory() -> bool:
     return _kept_freed_memory
 
 
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not a glibc system
+        return False
+
+
 def _set_mallopt() -> bool:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux" or not _glibc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

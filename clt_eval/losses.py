@@ -144,8 +144,8 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
 
 # Runs per stretch, on average, from which computing each stretch's penalty on its own rows
 # beats computing every group's penalty for every run. Measured on the toy, 1 thread, 300
-# steps, 8 penalty groups in 16 stretches: 540 runs 13.1-14.0 vs 15.6-15.8 s (by stretch vs
-# for every run); 80 runs (5 a stretch) 4.1-4.4 vs 3.8 s.
+# steps, 8 penalty groups in up to 16 stretches: 540 runs 13.1-14.0 vs 15.6-15.8 s (by
+# stretch vs for every run); 80 runs (about 5 a stretch) 4.1-4.4 vs 3.8 s.
 MIN_STRETCH_RUNS = 8
 
 

@@ -148,8 +148,8 @@ def main() -> None:
     if args.write:
         WRITERS[args.format](args.write, L, F, D)
         return
+    print(f"malloc: {args.malloc}")
     for fmt in WRITERS if args.format == "both" else [args.format]:
-        print(f"malloc: {args.malloc}")
         report(fmt, L, F, D, run_case(fmt, L, F, D, args.malloc))
 
 

@@ -103,7 +103,9 @@ def time_sparsify(args) -> tuple[list[float], str]:
             "k": args.k, "threads": args.threads, "warmup": args.warmup, "steps": args.steps}
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     if args.sparsify_kept_memory:  # the settings of clt_eval.device.keep_freed_memory
-        env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+        from clt_eval.device import KEPT_MEMORY_TUNABLES
+
+        env["GLIBC_TUNABLES"] = KEPT_MEMORY_TUNABLES
     res = subprocess.run([str(python), "-c", SPARSIFY_STEP, json.dumps(spec)],
                          capture_output=True, text=True, cwd="/", env=env)
     if res.returncode != 0:

@@ -23,8 +23,12 @@ DTYPE_CHOICES = ("float32", "bfloat16")
 # on shared machines.
 MAX_AUTO_THREADS = 32
 _CUDA_INDEX = re.compile(r"cuda:(\d+)")
-# glibc's mallopt parameters (malloc.h) and the opt-out variable.
+# glibc's mallopt parameters (malloc.h), the values keep_freed_memory gives them, the same
+# as GLIBC_TUNABLES for another process, and the opt-out variable.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_KEPT_TRIM_THRESHOLD, _KEPT_MMAP_MAX = 2 ** 31 - 1, 0
+KEPT_MEMORY_TUNABLES = (f"glibc.malloc.mmap_max={_KEPT_MMAP_MAX}:"
+                        f"glibc.malloc.trim_threshold={_KEPT_TRIM_THRESHOLD}")
 KEEP_MEMORY_ENV = "CLT_EVAL_KEEP_FREED_MEMORY"
 _kept_freed_memory: bool | None = None
 
@@ -177,5 +181,5 @@ def _set_mallopt() -> bool:
         return False
     # M_MMAP_MAX = 0: no block gets its own mapping (glibc still maps when the heap cannot
     # grow). M_TRIM_THRESHOLD at its largest: the heap's top is never given back.
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                      2 ** 31 - 1))
+    return (bool(libc.mallopt(_M_MMAP_MAX, _KEPT_MMAP_MAX))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_TRIM_THRESHOLD)))

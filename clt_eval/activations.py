@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from clt_eval.topk import compiled, topk_rows
+
 
 class _JumpReLU(torch.autograd.Function):
     """a = z · 1[z > θ]; θ learns through a straight-through estimator.
@@ -115,7 +117,12 @@ def _per_k(select, pre_RX: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
 def _topk_last(flat: torch.Tensor, k: int) -> torch.Tensor:
     # ReLU on the k kept values, not on every value: the same activations (a kept
     # non-positive value is 0 either way) for one pass less over the pre-activations.
-    vals, idx = flat.topk(min(k, flat.shape[-1]), dim=-1)
+    k = min(k, flat.shape[-1])
+    if compiled(flat, k):  # wide rows: the kernel the sparse path selects with
+        idx = topk_rows(flat, k)[1]
+        vals = flat.gather(-1, idx)
+    else:
+        vals, idx = flat.topk(k, dim=-1)
     return torch.zeros_like(flat).scatter(-1, idx, vals.relu())
 
 

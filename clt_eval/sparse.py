@@ -26,6 +26,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from clt_eval.topk import topk_rows
+
 # A run decodes from its active features only when the transcoder is wide and at most this
 # share of its (sample, layer, feature) activations is on: gathering rows then costs less
 # than the dense product, whose work grows with every feature, firing or not.
@@ -247,7 +249,7 @@ class Selection:
         B, L, F = pre_BLF.shape
         rows_BK = torch.arange(B, device=pre_BLF.device)[:, None]
         if not self.joint:  # k per sample and layer: every sample lists k entries
-            v, i = pre_BLF.topk(min(k, F), dim=-1, sorted=False)
+            v, i = topk_rows(pre_BLF, min(k, F))
             v = v.relu()  # on the k kept values, not on all B·F
             kk = v.shape[-1]
             rows = rows_BK.expand(B, kk).reshape(-1)
@@ -255,7 +257,7 @@ class Selection:
             lists = [Listed(rows, i[:, layer].reshape(-1), B, F, starts)
                      for layer in range(L)]
             return lists, [v[:, layer].reshape(-1) for layer in range(L)], None
-        v, i = pre_BLF.reshape(B, L * F).topk(min(k, L * F), dim=-1, sorted=False)
+        v, i = topk_rows(pre_BLF.reshape(B, L * F), min(k, L * F))
         return self._split(rows_BK.expand_as(i), i // F, i % F, v.relu(), B, L, F)
 
     def _per_batch(self, pre_BLF, k):

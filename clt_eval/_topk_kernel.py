@@ -116,7 +116,9 @@ def row_topk(row, k, cv, ci, gv, gi, mask, out_v, out_i):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False)
-def rows_topk(z, k, lo, hi, out_v, out_i):  # z [N, M] C-contiguous, rows lo..hi-1
+def rows_topk(z, k, lo, hi, out_v, out_i, bias):
+    """Rows lo..hi-1 of z [N, M] (C-contiguous), each first raised in place by its bias row
+    ``bias[r % len(bias)]`` unless ``bias`` has no rows."""
     M = z.shape[1]
     G = max(4 * k, 64)  # groups: ~1.2 k entries of a random row reach their bar
     cv = np.empty(max(4 * k, 64), z.dtype)
@@ -125,4 +127,9 @@ def rows_topk(z, k, lo, hi, out_v, out_i):  # z [N, M] C-contiguous, rows lo..hi
     gi = np.empty(G, np.int64)
     mask = np.zeros(8 * ((M + 7) // 8), np.uint8)
     for r in range(lo, hi):
-        row_topk(z[r], k, cv, ci, gv, gi, mask, out_v[r], out_i[r])
+        row = z[r]
+        if len(bias):  # while the row is in cache: no pass of its own over memory
+            b = bias[r % len(bias)]
+            for j in range(M):
+                row[j] = row[j] + b[j]
+        row_topk(row, k, cv, ci, gv, gi, mask, out_v[r], out_i[r])

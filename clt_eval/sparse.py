@@ -228,16 +228,17 @@ class Selection:
         self.lists: list[list[Listed]] = []
         self.cut_RL: torch.Tensor | None = None
 
-    def __call__(self, pre_RBLF: torch.Tensor) -> torch.Tensor:
-        """The kept values of every run and layer in list order [N]. No dense activations
-        are built: at real widths zeroing a [R,B,L,F] tensor every step costs about two
-        thirds of the selection itself (measured 27 vs 42 ms at 4,096 × 8,192, k = 32);
-        ``ActiveSet.dense`` builds it when something reads it."""
+    def __call__(self, pre_RBLF: torch.Tensor, b_RLF: torch.Tensor) -> torch.Tensor:
+        """The kept values of every run and layer in list order [N], the encoder bias
+        ``b_RLF`` first added to ``pre_RBLF`` in place (by TopK's kernel as it reads each
+        row). No dense activations are built: at real widths zeroing a [R,B,L,F] tensor
+        every step costs about two thirds of the selection itself (measured 27 vs 42 ms at
+        4,096 × 8,192, k = 32); ``ActiveSet.dense`` builds it when something reads it."""
         R = pre_RBLF.shape[0]
         pick = self._per_sample if self.kind == "topk" else self._per_batch
         cuts, vals = [], []
         for r in range(R):
-            lists, v, cut = pick(pre_RBLF[r], self.k_R[r])
+            lists, v, cut = pick(pre_RBLF[r], b_RLF[r], self.k_R[r])
             self.lists.append(lists)
             vals += v
             cuts.append(cut)
@@ -245,11 +246,11 @@ class Selection:
             self.cut_RL = torch.stack(cuts)
         return torch.cat(vals)
 
-    def _per_sample(self, pre_BLF, k):
+    def _per_sample(self, pre_BLF, b_LF, k):
         B, L, F = pre_BLF.shape
         rows_BK = torch.arange(B, device=pre_BLF.device)[:, None]
         if not self.joint:  # k per sample and layer: every sample lists k entries
-            v, i = topk_rows(pre_BLF, min(k, F))
+            v, i = topk_rows(pre_BLF, min(k, F), bias=b_LF)  # row (b, l) gets b_LF[l]
             v = v.relu()  # on the k kept values, not on all B·F
             kk = v.shape[-1]
             rows = rows_BK.expand(B, kk).reshape(-1)
@@ -257,11 +258,12 @@ class Selection:
             lists = [Listed(rows, i[:, layer].reshape(-1), B, F, starts)
                      for layer in range(L)]
             return lists, [v[:, layer].reshape(-1) for layer in range(L)], None
-        v, i = topk_rows(pre_BLF.reshape(B, L * F), min(k, L * F))
+        v, i = topk_rows(pre_BLF.reshape(B, L * F), min(k, L * F), bias=b_LF.reshape(1, -1))
         return self._split(rows_BK.expand_as(i), i // F, i % F, v.relu(), B, L, F)
 
-    def _per_batch(self, pre_BLF, k):
+    def _per_batch(self, pre_BLF, b_LF, k):
         B, L, F = pre_BLF.shape
+        pre_BLF.add_(b_LF)
         if self.joint:  # k·B over all samples and layers
             flat = [pre_BLF.reshape(-1)]
         else:  # k·B per layer over all samples
@@ -300,14 +302,17 @@ class Selection:
         return ActiveSet(self.lists, vals, self.lists[0][0].n_rows, self.lists[0][0].n_cols)
 
 
-def _encode_into(pre_RBLF, x, W_RLDF, b_RLF) -> None:
-    """pre[r, :, l] = x_l W[r, l] + b[r, l]: one ``addmm`` per run and layer (the call a run
-    makes alone), the bias added in the product's own pass."""
+def _encode_into(pre_RBLF, x, W_RLDF, b_RLF=None) -> None:
+    """pre[r, :, l] = x_l W[r, l] (+ b[r, l]): one ``mm`` or ``addmm`` per run and layer (the
+    call a run makes alone), a bias added in the product's own pass."""
     R, L = W_RLDF.shape[:2]
     for r in range(R):
         for layer in range(L):
-            torch.addmm(b_RLF[r, layer], _x_of(x, r, layer), W_RLDF[r, layer],
-                        out=pre_RBLF[r, :, layer])
+            x_BD, out = _x_of(x, r, layer), pre_RBLF[r, :, layer]
+            if b_RLF is None:
+                torch.mm(x_BD, W_RLDF[r, layer], out=out)
+            else:
+                torch.addmm(b_RLF[r, layer], x_BD, W_RLDF[r, layer], out=out)
 
 
 def _dense_gradient(g_pre, g_vals, vals, select, shape) -> torch.Tensor:
@@ -368,13 +373,15 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx, x, W_RLDF, b_RLF, select: Selection | None):
         R, L, _, F = W_RLDF.shape
         pre = W_RLDF.new_empty(R, x.shape[-3], L, F)
-        _encode_into(pre, x, W_RLDF, b_RLF)
+        # A selection adds the bias itself, as it reads: addmm's bias is a pass of its own
+        # over the [B, F] product (a copy before the product; 32 of 340 ms a TopK step).
+        _encode_into(pre, x, W_RLDF, b_RLF if select is None else None)
         ctx.select = select
         ctx.set_materialize_grads(False)  # outputs nobody reads get no gradient tensor
         if select is None:
             ctx.save_for_backward(x, W_RLDF)
             return pre
-        vals = select(pre)
+        vals = select(pre, b_RLF.detach())
         ctx.save_for_backward(x, W_RLDF, vals)
         return pre, vals
 
@@ -389,30 +396,26 @@ class _SparseEncode(torch.autograd.Function):
         gx = torch.zeros_like(x) if need_x else None
         gW = torch.empty_like(W) if need_W else None
         gb = torch.empty(R, L, F, dtype=W.dtype, device=W.device) if need_b else None
-        ones = x.new_ones(x.shape[-3], 1)
         for r, (kind, *plan) in enumerate(_plans(ctx, g_pre, g_vals)):
             for layer in range(L):
                 x_BD = _x_of(x, r, layer)
                 gx_BD = None if gx is None else _x_of(gx, r, layer)
                 if kind == "listed":
-                    _listed_layer(plan[0][layer], plan[1][layer], x_BD, ones, W[r, layer],
-                                  gW, gb, gx_BD, r, layer)
+                    _listed_layer(plan[0][layer], plan[1][layer], x_BD, W[r, layer], gW, gb,
+                                  gx_BD, r, layer)
                 else:
                     _dense_layer(plan[0][:, layer], x_BD, W[r, layer], gW, gb, gx_BD, r,
                                  layer)
         return gx, gW, gb, None
 
 
-def _listed_layer(lst: Listed, g_N, x_BD, ones_B1, W_DF, gW, gb, gx_BD, r, layer) -> None:
+def _listed_layer(lst: Listed, g_N, x_BD, W_DF, gW, gb, gx_BD, r, layer) -> None:
     """Gradients of one run's and layer's encoder from its listed entries: B·k·D
     multiply-adds where the dense product takes B·F·D."""
-    if gW is not None or gb is not None:
-        # The ones column sums each feature's gradients: the bias gradient, in the same pass.
-        gWb = lst.sum_by_col(g_N, torch.cat([x_BD, ones_B1], 1))  # [F, D+1]
-        if gW is not None:
-            _transpose_into(gW[r, layer], gWb[:, :-1])
-        if gb is not None:
-            gb[r, layer] = gWb[:, -1]
+    if gW is not None:
+        _transpose_into(gW[r, layer], lst.sum_by_col(g_N, _aligned(x_BD)))  # from [F, D]
+    if gb is not None:  # each feature's gradients summed in sample order, as sum_by_col does
+        gb[r, layer] = torch.zeros_like(gb[r, layer]).index_add_(0, lst.cols, g_N)
     if gx_BD is not None:
         gx_BD += lst.sum_by_row(g_N, W_DF.t().contiguous())
 

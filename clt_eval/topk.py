@@ -54,27 +54,42 @@ def compiled(z: torch.Tensor, k: int) -> bool:
             and 1 <= k <= MAX_K and 8 * k <= M)
 
 
-def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, columns) [..., k] of the k largest entries of each row of ``z`` [..., M]
-    (k ≤ M), sorted by column; see the module docstring for the ranking. No gradient."""
+    (k ≤ M), sorted by column; see the module docstring for the ranking. No gradient.
+
+    With ``bias`` [P, M], z (contiguous) is first raised in place by it, row r of z seen as
+    [N, M] by ``bias[r % P]``: a product's bias added in the pass that selects, while each
+    row is in cache, instead of in a pass of its own over memory."""
+    M = z.shape[-1]
+    z2 = z.detach().reshape(-1, M)
+    if bias is not None:
+        if not z.is_contiguous() or z2.shape[0] % bias.shape[0]:
+            raise ValueError(f"topk_rows: bias {tuple(bias.shape)} needs contiguous rows in "
+                             f"a multiple of {bias.shape[0]}, got z {tuple(z.shape)}")
+        bias = bias.detach().to(z.dtype).contiguous()
     if not compiled(z, k):
-        v, i = z.detach().topk(k, dim=-1, sorted=False)
+        if bias is not None:
+            z2.view(-1, *bias.shape).add_(bias)
+        v, i = z2.topk(k, dim=-1, sorted=False)
         i, order = i.sort(dim=-1)
-        return v.gather(-1, order), i
-    lead = z.shape[:-1]
-    z2 = z.detach().reshape(-1, z.shape[-1]).contiguous()
+        return v.gather(-1, order).view(*z.shape[:-1], k), i.view(*z.shape[:-1], k)
+    z2 = z2.contiguous()
     N = z2.shape[0]
     vals = torch.empty(N, k, dtype=z.dtype)
     cols = torch.empty(N, k, dtype=torch.long)
+    no_bias = torch.empty(0, M, dtype=z.dtype)
     args = (z2.numpy(), k)
+    tail = (vals.numpy(), cols.numpy(), (no_bias if bias is None else bias).numpy())
     kernel = _kernel()
     threads = max(1, min(torch.get_num_threads(), N // MIN_ROWS_PER_THREAD))
     if threads == 1:
-        kernel(*args, 0, N, vals.numpy(), cols.numpy())
+        kernel(*args, 0, N, *tail)
     else:  # the kernel releases the GIL: rows split evenly over threads
         cuts = [N * t // threads for t in range(threads + 1)]
-        jobs = [_pool(threads).submit(kernel, *args, lo, hi, vals.numpy(), cols.numpy())
+        jobs = [_pool(threads).submit(kernel, *args, lo, hi, *tail)
                 for lo, hi in zip(cuts, cuts[1:], strict=False)]
         for job in jobs:
             job.result()
-    return vals.view(*lead, k), cols.view(*lead, k)
+    return vals.view(*z.shape[:-1], k), cols.view(*z.shape[:-1], k)

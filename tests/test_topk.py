@@ -77,3 +77,16 @@ def test_fallback_sorts_by_column_too():
     wide = rows(8, 2, 16 * MAX_K)
     assert not compiled(wide, MAX_K + 1)
     assert torch.equal(topk_rows(wide, MAX_K + 1)[1], reference(wide, MAX_K + 1)[1])
+
+
+@pytest.mark.parametrize("width,k", [(1024, 16), (100, 5)])  # the kernel, then torch.topk
+def test_bias_is_added_in_place_row_by_row(width, k):
+    z = rows(9, 12, width)
+    bias = rows(10, 3, width)
+    raised = (z.view(4, 3, width) + bias).view(12, width)
+    vals, cols = topk_rows(z, k, bias=bias)
+    assert torch.equal(z, raised)  # row r got bias[r % 3]
+    ref_vals, ref_cols = reference(raised, k)
+    assert torch.equal(cols, ref_cols) and torch.equal(vals, ref_vals)
+    with pytest.raises(ValueError, match=r"bias \(5, "):
+        topk_rows(z, k, bias=rows(11, 5, width))

@@ -25,6 +25,7 @@ they are sorted by column the same way; its choice among tied values may differ.
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -43,7 +44,9 @@ def _kernel():
 
 
 @functools.cache
-def _pool(n: int) -> ThreadPoolExecutor:
+def _pool(n: int, pid: int) -> ThreadPoolExecutor:
+    """``n`` threads for process ``pid``: threads do not survive a fork, so a forked child
+    (the sweep's workers) that reused its parent's pool would wait on them forever."""
     return ThreadPoolExecutor(n, thread_name_prefix="clt-eval-topk")
 
 
@@ -88,7 +91,7 @@ def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None
         kernel(*args, 0, N, *tail)
     else:  # the kernel releases the GIL: rows split evenly over threads
         cuts = [N * t // threads for t in range(threads + 1)]
-        jobs = [_pool(threads).submit(kernel, *args, lo, hi, *tail)
+        jobs = [_pool(threads, os.getpid()).submit(kernel, *args, lo, hi, *tail)
                 for lo, hi in zip(cuts, cuts[1:], strict=False)]
         for job in jobs:
             job.result()

@@ -90,3 +90,24 @@ def test_bias_is_added_in_place_row_by_row(width, k):
     assert torch.equal(cols, ref_cols) and torch.equal(vals, ref_vals)
     with pytest.raises(ValueError, match=r"bias \(5, "):
         topk_rows(z, k, bias=rows(11, 5, width))
+
+
+def test_a_forked_child_gets_threads_of_its_own():
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = rows(12, 512, 1024)
+        expected = topk_rows(z, 8)[1]  # the parent's pool now exists
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_select_in_child, (z, 8)).get(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, expected)
+
+
+def _select_in_child(z, k):
+    torch.set_num_threads(2)
+    return topk_rows(z, k)[1]

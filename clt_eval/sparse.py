@@ -6,9 +6,10 @@ activations times the decoder) and the encoder's weight gradient (the inputs tim
 pre-activations' gradient, which is zero wherever a feature was not selected). Here both run
 over the listed entries only (``Listed``): one run's, one layer's (sample, feature) pairs.
 
-* ``sparse_encode``: z = x W + b for every run and layer, in one ``addmm`` each (the bias
-  folded in), optionally followed by the TopK / BatchTopK selection (``Selection``), which
-  lists the kept entries as it makes them: no scan of the dense activations to find them.
+* ``sparse_encode``: z = x W + b for every run and layer, one ``addmm`` each, or with the
+  TopK / BatchTopK selection (``Selection``) one ``mm`` each whose bias the selection adds
+  as it reads the rows (``clt_eval.topk``). The selection lists the kept entries as it
+  makes them: no scan of the dense activations to find them.
   The backward computes the gradients of W, b (and x) from the gradient's nonzero entries
   when they are few, else with dense products.
 * ``sparse_source_decode``: Σ_n a_n W[f_n] per sample with ``embedding_bag``, forward and

@@ -6,7 +6,8 @@ entries come back sorted by column, so what sums over them (a sparse decode) add
 order that does not depend on how the selection was found.
 
 On the CPU, for float32 rows of at least 256 columns and k ≤ 1,024, a compiled kernel
-(``clt_eval._topk_kernel``) does it in two passes over each row:
+(``clt_eval._topk_kernel``) does it in a few passes over each row while the row is in cache
+(the first adds a bias, when one is given):
 
 1. The row's columns are dealt into G = 4k groups (column j to group j mod G, so the pass
    is a vectorised elementwise maximum) and the k-th largest group maximum t is found. At

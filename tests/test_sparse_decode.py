@@ -340,3 +340,16 @@ def test_inputs_gradient_through_the_listed_path(kind, per_run_x, monkeypatch):
         grads.append(xr.grad)
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_entries_grouped_by_feature_as_a_stable_sort_groups_them():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 50, (3000,), generator=g).sort().values
+    cols = torch.randint(0, 200, (3000,), generator=g)
+    cols[:40] = 7  # a crowded feature; some features get no entry at all
+    got = S.Listed(rows, cols, 50, 200).by_col()
+    sorted_cols, order = torch.sort(cols, stable=True)
+    want = (order, rows[order], sorted_cols, torch.searchsorted(sorted_cols, torch.arange(200)))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    empty = S.Listed(rows[:0], cols[:0], 50, 200).by_col()
+    assert empty[3].tolist() == [0] * 200

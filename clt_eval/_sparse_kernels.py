@@ -1,6 +1,8 @@
-"""The compiled kernel behind ``clt_eval.topk.topk_rows`` (numba; see that module for the
-method). Module-level functions, not closures: numba's on-disk cache keys a closure on its
-captured objects, which differ in every process, so a closure would compile on every run."""
+"""Compiled CPU kernels (numba) for wide sparse transcoders: ``rows_topk`` behind
+``clt_eval.topk.topk_rows`` (see that module for the method) and ``by_column``, which groups
+listed entries by feature for ``clt_eval.sparse.Listed``. Module-level functions, not
+closures: numba's on-disk cache keys a closure on its captured objects, which differ in
+every process, so a closure would compile on every run."""
 
 import numba
 import numpy as np
@@ -133,3 +135,25 @@ def rows_topk(z, k, lo, hi, out_v, out_i, bias):
             for j in range(M):
                 row[j] = row[j] + b[j]
         row_topk(row, k, cv, ci, gv, gi, mask, out_v[r], out_i[r])
+
+
+@numba.njit(cache=True, nogil=True)
+def by_column(rows, cols, n_cols, order, rows_out, cols_out, starts):
+    """A stable counting sort of entries (rows[n], cols[n]) by column: ``order`` the
+    permutation, rows_out/cols_out the entries in that order, ``starts`` [n_cols] where
+    each column's entries begin. The same as a stable ``torch.sort`` of ``cols``."""
+    nxt = np.zeros(n_cols, np.int64)
+    for c in cols:
+        nxt[c] += 1
+    s = 0
+    for f in range(n_cols):
+        starts[f] = s
+        s += nxt[f]
+        nxt[f] = starts[f]
+    for n in range(len(cols)):
+        c = cols[n]
+        p = nxt[c]
+        order[p] = n
+        rows_out[p] = rows[n]
+        cols_out[p] = c
+        nxt[c] = p + 1

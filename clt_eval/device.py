@@ -7,6 +7,7 @@ turn a checked name into the torch object and check that the device exists.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -31,6 +32,7 @@ KEPT_MEMORY_TUNABLES = (f"glibc.malloc.mmap_max={_KEPT_MMAP_MAX}:"
                         f"glibc.malloc.trim_threshold={_KEPT_TRIM_THRESHOLD}")
 KEEP_MEMORY_ENV = "CLT_EVAL_KEEP_FREED_MEMORY"
 _kept_freed_memory: bool | None = None
+_flushing = False  # what flushed_subnormals last set everywhere (torch has no getter)
 
 
 def check_device_name(name: str, option: str = "--device") -> str:
@@ -183,3 +185,88 @@ def _set_mallopt() -> bool:
     # grow). M_TRIM_THRESHOLD at its largest: the heap's top is never given back.
     return (bool(libc.mallopt(_M_MMAP_MAX, _KEPT_MMAP_MAX))
             and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_TRIM_THRESHOLD)))
+
+
+# ---- subnormal floats ---------------------------------------------------------------------
+def subnormals_flushed() -> bool:
+    """Is CPU arithmetic flushing subnormal floats to zero right now (``flushed_subnormals``)?
+    Threads of our own that compute for torch (``clt_eval.topk``) follow this."""
+    return _flushing
+
+
+@contextlib.contextmanager
+def flushed_subnormals(on: bool = True):
+    """Within: CPU float arithmetic reads and writes subnormal numbers (below 1.2e-38 in
+    float32) as zero, in this thread and in torch's worker threads; yields whether it does.
+
+    Adam's first moment of a weight whose gradient has stopped decays by 0.9 a step into the
+    subnormal range and sticks at its smallest value, and x86 CPUs take ~100 times longer
+    for an operation on a subnormal. Measured on the toy sweep's 540-run ensemble, one
+    thread, 1,500 steps: 50.1-59.5 ms a step, 42.6-45.4 ms flushed; Adam's ``addcdiv_``
+    8 times as slow at step 1,000 as at step 5. TensorFlow flushes on the CPU by default
+    too. The mode is per thread, so it is also set in each of torch's OpenMP threads; where
+    those cannot be reached (another parallel backend) and torch uses more than one thread,
+    nothing is flushed, so that no result depends on which thread computed it."""
+    global _flushing
+    was = _flushing
+    now = bool(on) and _flush_everywhere(True)
+    if not now and was:
+        _flush_everywhere(False)
+    _flushing = now
+    try:
+        yield now
+    finally:
+        if _flushing != was:
+            _flush_everywhere(was)
+        _flushing = was
+
+
+def _flush_everywhere(on: bool) -> bool:
+    import torch
+
+    if not torch.set_flush_denormal(on):  # this CPU cannot
+        return False
+    team = _openmp_team()
+    if team is None:  # torch's worker threads cannot be reached: flush only if there are none
+        if torch.get_num_threads() > 1:
+            torch.set_flush_denormal(False)
+            return False
+        return True
+    team(lambda: torch.set_flush_denormal(on), torch.get_num_threads())
+    return True
+
+
+_TEAM_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _openmp_team():
+    """``run(fn, n)``: calls ``fn`` once on each of n threads of the OpenMP team that torch's
+    parallel regions use (libgomp's ``GOMP_parallel``, the entry point of ``#pragma omp
+    parallel``); None where torch does not run on libgomp. The team's threads persist between
+    regions, so what ``fn`` sets in them holds for torch's later work."""
+    import torch
+
+    if "OpenMP" not in torch.__config__.parallel_info() or not Path("/proc/self/maps").exists():
+        return None
+    # torch's own copy (other packages bring theirs: sentencepiece does), in torch/lib or
+    # in the wheel's torch.libs
+    home = Path(torch.__file__).parent
+    mine = (str(home) + "/", str(home) + ".libs/")
+    paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+             if line.split()[-1].startswith(mine)
+             and line.split()[-1].split("/")[-1].startswith("libgomp")}
+    if len(paths) != 1:
+        return None
+    try:
+        gomp = ctypes.CDLL(paths.pop())
+        parallel = gomp.GOMP_parallel
+    except (OSError, AttributeError):
+        return None
+    parallel.argtypes = [_TEAM_FN, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+
+    def run(fn, n: int) -> None:
+        # ctypes releases the GIL for the call; each thread takes it back to run fn
+        parallel(_TEAM_FN(lambda _: fn()), None, n, 0)
+
+    return run

@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from clt_eval.device import subnormals_flushed
+
 COMPILED_DTYPES = (torch.float32,)
 MIN_WIDTH = 256  # narrower rows: torch.topk, the kernel's bound saves little there
 MAX_K = 1024  # larger k (BatchTopK's k·B over one flat row): torch.topk, which sorts faster
@@ -92,8 +94,17 @@ def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None
         kernel(*args, 0, N, *tail)
     else:  # the kernel releases the GIL: rows split evenly over threads
         cuts = [N * t // threads for t in range(threads + 1)]
-        jobs = [_pool(threads, os.getpid()).submit(kernel, *args, lo, hi, *tail)
+        flush = subnormals_flushed()
+        jobs = [_pool(threads, os.getpid()).submit(_flushing_as, flush, kernel, *args, lo, hi,
+                                                   *tail)
                 for lo, hi in zip(cuts, cuts[1:], strict=False)]
         for job in jobs:
             job.result()
     return vals.view(*z.shape[:-1], k), cols.view(*z.shape[:-1], k)
+
+
+def _flushing_as(flush: bool, fn, *args):
+    """``fn(*args)`` in a pool thread set to flush subnormals as the caller's threads do
+    (``clt_eval.device.flushed_subnormals``): the bias it adds rounds the same in any thread."""
+    torch.set_flush_denormal(flush)
+    return fn(*args)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clt_eval.config import LossConfig
-from clt_eval.device import keep_freed_memory
+from clt_eval.device import flushed_subnormals, keep_freed_memory
 from clt_eval.losses import LossPlan, row_mean, training_loss
 from clt_eval.training import distributed
 from clt_eval.training.config import TrainConfig
@@ -75,7 +75,8 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     30-run ensemble and alone after 1,000 steps).
 
     Training runs on ``cfg.device`` (the transcoder goes there for the loop and comes back
-    after it; batches already there are not copied). With ``cfg.dtype == "bfloat16"`` the
+    after it; batches already there are not copied); on the CPU the loop treats subnormal
+    floats as zero (``clt_eval.device.flushed_subnormals``). With ``cfg.dtype == "bfloat16"`` the
     forward pass and loss run under autocast with float32 weights and Adam state, and the
     batched kernels are used (``exact`` is ignored)."""
     device = _resolve_device(cfg.device)
@@ -106,7 +107,10 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     tc.train()
     step_fn = _Step(tc, opt, guard, loss_cfg, coefs_R, cfg, device)
     try:
-        last = _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint)
+        # Subnormal floats as zero while training on the CPU (much faster once Adam's moments
+        # decay into them); evaluation afterwards computes with them as usual.
+        with flushed_subnormals(device.type == "cpu"):
+            last = _loop(step_fn, batches, start, since_fired, logger, progress, checkpoint)
     finally:
         tc.exact = was_exact
         tc.eval()

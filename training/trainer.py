@@ -76,9 +76,9 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
 
     Training runs on ``cfg.device`` (the transcoder goes there for the loop and comes back
     after it; batches already there are not copied); on the CPU the loop treats subnormal
-    floats as zero (``clt_eval.device.flushed_subnormals``). With ``cfg.dtype == "bfloat16"`` the
-    forward pass and loss run under autocast with float32 weights and Adam state, and the
-    batched kernels are used (``exact`` is ignored)."""
+    floats as zero (``clt_eval.device.flushed_subnormals``). With ``cfg.dtype ==
+    "bfloat16"`` the forward pass and loss run under autocast with float32 weights and Adam
+    state, and the batched kernels are used (``exact`` is ignored)."""
     device = _resolve_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()  # a step's large tensors reuse the last step's memory

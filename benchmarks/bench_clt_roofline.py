@@ -18,7 +18,10 @@ rates of the matmul probe and of the step see different loads, while work per CP
 does not depend on how long the process waited for a core.
 
     .venv/bin/python benchmarks/bench_clt_roofline.py [--steps N] [--activation relu|topk]
-        [--k K] [--batch B] [--dense] [--inexact]
+        [--k K] [--batch B] [--dense] [--inexact] [--device cpu|cuda]
+
+On a GPU (``--device cuda``) both the probe and the step run there, timed with the device
+synchronised, and only wall-clock shares are printed.
 
 With TopK at k/F <= 1/16 the decode is sparse and does fewer FLOPs than the count above
 (which prices a dense decode); compare its step time with ``--dense``.
@@ -27,32 +30,43 @@ With TopK at k/F <= 1/16 the decode is sparse and does fewer FLOPs than the coun
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from clt_eval.config import LossConfig, TranscoderConfig
-from clt_eval.device import keep_freed_memory
+from clt_eval.device import keep_freed_memory, resolve_device
+from clt_eval.errors import CltEvalError
 from clt_eval.losses import training_loss
 from clt_eval.transcoder import Transcoder
 
 MM_SIZES = [(4096, 512, 4096), (4096, 4096, 512)]  # the step's encoder and decoder shapes
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call, the device's
+    queued work included."""
+    sync(device)
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
+    sync(device)
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def mm_rate(M: int, K: int, N: int, reps: int = 3) -> tuple[float, float]:
+def mm_rate(M: int, K: int, N: int, device: torch.device, reps: int = 3
+            ) -> tuple[float, float]:
     """(GFLOP per wall second, GFLOP per CPU second) of torch.mm [M,K] @ [K,N], best of
     ``reps`` after one warm-up."""
-    a, b = torch.randn(M, K), torch.randn(K, N)
-    out = torch.empty(M, N)
+    a, b = torch.randn(M, K, device=device), torch.randn(K, N, device=device)
+    out = torch.empty(M, N, device=device)
     torch.mm(a, b, out=out)
-    runs = [timed(lambda: torch.mm(a, b, out=out)) for _ in range(reps)]
+    runs = [timed(lambda: torch.mm(a, b, out=out), device) for _ in range(reps)]
     flop = 2 * M * K * N / 1e9
     return flop / min(w for w, _ in runs), flop / min(c for _, c in runs)
 
@@ -70,7 +84,7 @@ def step_flops(tc: Transcoder, B: int) -> dict:
 
 def make_step(tc: Transcoder, loss_cfg: LossConfig):
     opt = torch.optim.Adam(tc.parameters(), lr=1e-4, foreach=True)  # the trainer's exact kernel
-    coef = torch.full((tc.n_runs,), 1e-3)
+    coef = torch.full((tc.n_runs,), 1e-3, device=tc.W_enc.device)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
@@ -94,44 +108,53 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="never decode sparsely")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave malloc as it is (the trainer keeps freed memory on the CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (auto: CUDA if any)")
     args = ap.parse_args()
-    if not args.glibc_defaults:
+    try:
+        device = resolve_device(args.device)
+    except CltEvalError as e:
+        sys.exit(f"bench_clt_roofline: {e}")
+    gpu = device.type == "cuda"
+    if not args.glibc_defaults and not gpu:
         keep_freed_memory()  # as the trainer does on the CPU
     L, F, D, B = args.layers, args.features, args.d_model, args.batch
 
-    rates = {s: mm_rate(*s) for s in MM_SIZES}
+    rates = {s: mm_rate(*s, device) for s in MM_SIZES}
     for (M, K, N), (w, c) in rates.items():
-        print(f"torch.mm [{M}x{K}] @ [{K}x{N}]: {w:8.1f} GFLOP/s wall, {c:8.1f} GFLOP per "
-              "CPU-second")
+        print(f"torch.mm [{M}x{K}] @ [{K}x{N}]: {w:8.1f} GFLOP/s wall"
+              + ("" if gpu else f", {c:8.1f} GFLOP per CPU-second"))
     roof_w = max(w for w, _ in rates.values())
     roof_c = max(c for _, c in rates.values())
-    print(f"matmul roofline (best of the above): {roof_w:.1f} GFLOP/s wall, {roof_c:.1f} GFLOP "
-          f"per CPU-second, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
+    print(f"matmul roofline (best of the above): {roof_w:.1f} GFLOP/s wall"
+          + ("" if gpu else f", {roof_c:.1f} GFLOP per CPU-second") + f", {where}")
 
     topk = args.activation == "topk"
     cfg = TranscoderConfig(d_model=D, n_layers=L, n_features=F, arch="clt",
                            activation=args.activation, k=args.k if topk else None)
     loss_cfg = (LossConfig(penalty="topk", decoder_norm="none") if topk
                 else LossConfig(penalty="l1", decoder_norm="concatenated"))
-    tc = Transcoder([cfg])
+    tc = Transcoder([cfg]).to(device)
     tc.exact = not args.inexact
     tc.sparse_decode = not args.dense
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+    x, y = (torch.randn(B, L, D, generator=g).to(device) for _ in range(2))
     step = make_step(tc, loss_cfg)
     step(x[:256], y[:256])  # warm-up on a slice (Adam's state, first-call costs), 1/16 the work
-    times = [timed(lambda: step(x, y)) for _ in range(args.steps)]
+    times = [timed(lambda: step(x, y), device) for _ in range(args.steps)]
     t, cpu = min(w for w, _ in times), min(c for _, c in times)
     fl = step_flops(tc, B)
     sparse = tc.sparse_runs(tc(x[:64]).acts_RBLF != 0) is not None
     print(f"CLT step: L={L} F={F} D={D} batch={B} {args.activation} "
           f"({'exact' if tc.exact else 'batched'} kernels, "
           f"{'sparse' if sparse else 'dense'} decode)")
-    print(f"step time: {t:.2f} s wall, {cpu:.2f} CPU-seconds (best of {len(times)})")
+    print(f"step time: {t:.3f} s wall" + ("" if gpu else f", {cpu:.2f} CPU-seconds")
+          + f" (best of {len(times)})")
     for what, flop in (("useful", fl["useful"]), ("required", fl["required"])):
         print(f"{what} FLOPs: {flop / 1e12:.3f} TFLOP -> {flop / t / 1e9:.1f} GFLOP/s wall = "
-              f"{flop / t / 1e9 / roof_w:.1%} of the roofline; per CPU-second "
-              f"{flop / cpu / 1e9:.1f} = {flop / cpu / 1e9 / roof_c:.1%}")
+              f"{flop / t / 1e9 / roof_w:.1%} of the roofline"
+              + ("" if gpu else f"; per CPU-second {flop / cpu / 1e9:.1f} = "
+                                f"{flop / cpu / 1e9 / roof_c:.1%}"))
     print(f"decoder FLOPs on absent blocks: {fl['absent_share']:.1%} "
           f"(dense L×L storage: {fl['dense_absent_share']:.1%})")
 

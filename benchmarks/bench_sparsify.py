@@ -18,12 +18,19 @@ clt-eval's step by operator (torch.profiler; it slows the step a little). The is
 target: clt-eval >= 1.5x faster.
 
     .venv/bin/python benchmarks/bench_sparsify.py [--threads 2] [--steps 3] [--rounds 3]
+        [--device cpu|cuda] [--sparsify-python PYTHON]
+
+On a GPU (``--device cuda``) both sides run there, each step timed with the device
+synchronised. ``--sparsify-python`` names an interpreter that already imports ``sparsify``
+(a machine with no network, where the environment above cannot be made).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,20 +52,24 @@ from sparsify import SparseCoder, SparseCoderConfig
 
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
+dev = torch.device(a["device"])
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 g = torch.Generator().manual_seed(0)
-x = torch.randn(a["batch"], a["d_model"], generator=g)
-y = torch.randn(a["batch"], a["d_model"], generator=g)
+x = torch.randn(a["batch"], a["d_model"], generator=g).to(dev)
+y = torch.randn(a["batch"], a["d_model"], generator=g).to(dev)
 sc = SparseCoder(a["d_model"], SparseCoderConfig(num_latents=a["features"], k=a["k"],
-                                                 transcode=True))
+                                                 transcode=True), device=dev)
 opt = torch.optim.Adam(sc.parameters(), lr=1e-3)
 times = []
 for i in range(a["warmup"] + a["steps"]):
+    sync()
     t0 = time.perf_counter()
     out = sc(x, y)
     loss = out.fvu + out.auxk_loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     times.append(time.perf_counter() - t0)
 print(json.dumps({"times": times[a["warmup"]:], "version": md.version("eai-sparsify")}))
 """
@@ -75,6 +86,9 @@ def parse():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
+    p.add_argument("--sparsify-python", default=None,
+                   help="an interpreter that imports sparsify (default: the benchmark's venv)")
     p.add_argument("--sparsify-kept-memory", action="store_true",
                    help="run sparsify with malloc keeping freed memory too, as clt-eval's "
                         "trainer sets it (GLIBC_TUNABLES)")
@@ -98,10 +112,15 @@ def ensure_venv() -> Path:
 
 
 def time_sparsify(args) -> tuple[list[float], str]:
-    python = ensure_venv()
+    # the step runs from / (away from this checkout): the interpreter's absolute path
+    python = (Path(shutil.which(args.sparsify_python) or args.sparsify_python).absolute()
+              if args.sparsify_python else ensure_venv())
     spec = {"batch": args.batch, "d_model": args.d_model, "features": args.features,
-            "k": args.k, "threads": args.threads, "warmup": args.warmup, "steps": args.steps}
+            "k": args.k, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
+            "device": args.device}
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    if args.sparsify_python:  # its own packages may come from PYTHONPATH (carried wheels)
+        env |= {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH", "HOME")}
     if args.sparsify_kept_memory:  # the settings of clt_eval.device.keep_freed_memory
         from clt_eval.device import KEPT_MEMORY_TUNABLES
 
@@ -115,12 +134,15 @@ def time_sparsify(args) -> tuple[list[float], str]:
 
 
 class StepClock:
-    """The trainer's progress hook: a timestamp after every step."""
+    """The trainer's progress hook: a timestamp after every step (the device's queued work
+    done)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.stamps = [time.perf_counter()]
 
     def update(self, n: int) -> None:
+        self.sync()
         self.stamps.append(time.perf_counter())
 
 
@@ -130,15 +152,16 @@ def time_clt_eval(args) -> list[float]:
     from clt_eval.transcoder import Transcoder
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 1, args.d_model, generator=g)
-    y = torch.randn(args.batch, 1, args.d_model, generator=g)
+    x = torch.randn(args.batch, 1, args.d_model, generator=g).to(device)
+    y = torch.randn(args.batch, 1, args.d_model, generator=g).to(device)
     spec = RunSpec(arch="plt", penalty="topk", decoder_norm="none", k=args.k,
                    topk_mode="per_layer", n_features=args.features)
     tc = Transcoder([spec.transcoder_config(args.d_model, 1)], seeds=[0])
     n = args.warmup + args.steps
-    clock = StepClock()
-    cfg = TrainConfig(steps=n, lr=1e-3, lr_warmup_steps=0, log_every=0, device="cpu")
+    clock = StepClock(device)
+    cfg = TrainConfig(steps=n, lr=1e-3, lr_warmup_steps=0, log_every=0, device=args.device)
     batches = iter(lambda: (x, y), None)
     train(tc, spec.loss_config(), torch.zeros(1), batches, cfg, progress=clock)
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
@@ -159,13 +182,20 @@ def profile_clt_eval(args) -> None:
 
 def main() -> None:
     args = parse()
+    from clt_eval.device import resolve_device
+    from clt_eval.errors import CltEvalError
+
+    try:
+        args.device = str(resolve_device(args.device))
+    except CltEvalError as e:
+        sys.exit(f"bench_sparsify: {e}")
     if args.profile:
         profile_clt_eval(args)
     if args.rounds < 1:
         return
     shapes = (f"batch {args.batch}, d_model {args.d_model} -> {args.features} features, "
-              f"k={args.k}, {args.threads} threads, median of {args.steps} steps after "
-              f"{args.warmup} warm-up, best of {args.rounds} round(s)")
+              f"k={args.k}, {args.device}, {args.threads} threads, median of {args.steps} "
+              f"steps after {args.warmup} warm-up, best of {args.rounds} round(s)")
     print(shapes, flush=True)
     ours, theirs = [], []
     for i in range(args.rounds):

@@ -119,7 +119,7 @@ def time_sparsify(args) -> tuple[list[float], str]:
             "k": args.k, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
             "device": args.device}
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    if args.sparsify_python:  # its own packages may come from PYTHONPATH (carried wheels)
+    if args.sparsify_python:  # its packages may come from PYTHONPATH (gpu_check.sh's wheels)
         env |= {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH", "HOME")}
     if args.sparsify_kept_memory:  # the settings of clt_eval.device.keep_freed_memory
         from clt_eval.device import KEPT_MEMORY_TUNABLES

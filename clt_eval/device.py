@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import re
@@ -199,14 +200,13 @@ def flushed_subnormals(on: bool = True):
     """Within: CPU float arithmetic reads and writes subnormal numbers (below 1.2e-38 in
     float32) as zero, in this thread and in torch's worker threads; yields whether it does.
 
-    Adam's first moment of a weight whose gradient has stopped decays by 0.9 a step into the
-    subnormal range and sticks at its smallest value, and x86 CPUs take ~100 times longer
-    for an operation on a subnormal. Measured on the toy sweep's 540-run ensemble, one
-    thread, 1,500 steps: 50.1-59.5 ms a step, 42.6-45.4 ms flushed; Adam's ``addcdiv_``
-    8 times as slow at step 1,000 as at step 5. TensorFlow flushes on the CPU by default
-    too. The mode is per thread, so it is also set in each of torch's OpenMP threads; where
-    those cannot be reached (another parallel backend) and torch uses more than one thread,
-    nothing is flushed, so that no result depends on which thread computed it."""
+    Why: Adam's first moment of a weight whose gradient has stopped decays by 0.9 a step
+    into the subnormal range and sticks at its smallest value, and x86 CPUs are far slower
+    on subnormals (Adam's ``addcdiv_`` ran 8 times as slow at step 1,000 of a toy sweep
+    ensemble as at step 5; figures in docs/scale.md). The mode is per thread, so it is also
+    set in each of torch's OpenMP threads; where those cannot be reached (another parallel
+    backend) and torch uses more than one thread, nothing is flushed, so that no result
+    depends on which thread computed it."""
     global _flushing
     was = _flushing
     now = bool(on) and _flush_everywhere(True)
@@ -239,6 +239,7 @@ def _flush_everywhere(on: bool) -> bool:
 _TEAM_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
+@functools.cache  # one libgomp for the life of the process (a fork keeps its mapping)
 def _openmp_team():
     """``run(fn, n)``: calls ``fn`` once on each of n threads of the OpenMP team that torch's
     parallel regions use (libgomp's ``GOMP_parallel``, the entry point of ``#pragma omp
@@ -246,20 +247,19 @@ def _openmp_team():
     regions, so what ``fn`` sets in them holds for torch's later work."""
     import torch
 
-    if "OpenMP" not in torch.__config__.parallel_info() or not Path("/proc/self/maps").exists():
+    maps = Path("/proc/self/maps")
+    if "OpenMP" not in torch.__config__.parallel_info() or not maps.exists():
         return None
     # torch's own copy (other packages bring theirs: sentencepiece does), in torch/lib or
     # in the wheel's torch.libs
-    home = Path(torch.__file__).parent
-    mine = (str(home) + "/", str(home) + ".libs/")
-    paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-             if line.split()[-1].startswith(mine)
-             and line.split()[-1].split("/")[-1].startswith("libgomp")}
+    home = str(Path(torch.__file__).parent)
+    mapped = {line.split()[-1] for line in maps.read_text().splitlines()}
+    paths = [p for p in mapped if p.startswith((home + "/", home + ".libs/"))
+             and Path(p).name.startswith("libgomp")]
     if len(paths) != 1:
         return None
     try:
-        gomp = ctypes.CDLL(paths.pop())
-        parallel = gomp.GOMP_parallel
+        parallel = ctypes.CDLL(paths[0]).GOMP_parallel
     except (OSError, AttributeError):
         return None
     parallel.argtypes = [_TEAM_FN, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]

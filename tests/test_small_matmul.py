@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clt_eval.small_matmul import small_matmul
+from clt_eval.small_matmul import KERNEL_FILE, kernel_source, small_matmul
 
 
 def _in_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -18,8 +18,11 @@ def _in_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# every block of the generated kernel: rows in fours, twos and ones (M = 16, 10, 7, 1, ...),
+# columns in eights, fours and ones (N = 16, 20, 13, 5, 1, ...)
 @pytest.mark.parametrize("shape", [(13, 8, 5), (16, 10, 16), (16, 16, 20), (1, 7, 1),
-                                   (5, 1, 9), (4, 33, 17)])
+                                   (5, 1, 9), (4, 33, 17), (10, 16, 10), (7, 3, 13),
+                                   (2, 5, 12), (6, 2, 27)])
 def test_each_element_is_its_in_order_sum(shape, dtype):
     M, K, N = shape
     g = torch.Generator().manual_seed(0)
@@ -40,3 +43,14 @@ def test_an_element_does_not_depend_on_the_batch_around_it():
     for r in (0, 17, 299):
         assert torch.equal(small_matmul(a[r:r + 1], b[r:r + 1])[0], full[r])
     assert torch.equal(small_matmul(a.flip(0), b.flip(0)), full.flip(0))
+
+
+def test_the_generated_kernel_is_current():
+    """The compiled source is what the generator writes (``python -m clt_eval.small_matmul``)."""
+    assert KERNEL_FILE.read_text() == kernel_source()
+
+
+def test_empty_products():
+    assert small_matmul(torch.ones(0, 3, 2), torch.ones(0, 2, 4)).shape == (0, 3, 4)
+    assert small_matmul(torch.ones(2, 0, 2), torch.ones(2, 2, 4)).shape == (2, 0, 4)
+    assert small_matmul(torch.ones(2, 3, 2), torch.ones(2, 2, 0)).shape == (2, 3, 0)

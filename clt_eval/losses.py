@@ -75,6 +75,16 @@ def per_run(cfgs: LossConfig | list[LossConfig], R: int) -> list[LossConfig]:
     return [cfgs] * R if isinstance(cfgs, LossConfig) else list(cfgs)
 
 
+def family(penalty: str, decoder_norm: str) -> str:
+    """How a penalty is computed: "rows" (l1 or tanh, each feature weighed by one decoder
+    norm), "blocks" (l1 or tanh by each decoder block's norm), or the penalty's own name:
+    "l0" (JumpReLU's count of features past θ), "topk" and "batchtopk" (a fixed budget, no
+    penalty)."""
+    if penalty in NORMED_PENALTIES:
+        return "blocks" if decoder_norm == "per_block" else "rows"
+    return penalty
+
+
 @dataclass(frozen=True)
 class LossPlan:
     """Per-run loss settings as tensors and run groups, built once per training rather than
@@ -86,8 +96,11 @@ class LossPlan:
     preact_R: torch.Tensor
     auxk_R: torch.Tensor
     normed: bool  # does any run need the decoder block norms?
-    # Stretches of runs with equal (penalty, norm, c), in order: [(key, start, stop)].
+    # Stretches of runs of one ``family``, in order: [(family, start, stop, keys)], keys
+    # being the set of (penalty, norm, c) the stretch's runs use.
     segments: tuple = ()
+    tanh_R: torch.Tensor | None = None  # [R] bool: tanh penalty?
+    scale_R: torch.Tensor | None = None  # [R] tanh's c (1 for the other runs), float64
 
     @classmethod
     def build(cls, cfgs, R: int) -> LossPlan:
@@ -103,12 +116,16 @@ class LossPlan:
         concat = torch.tensor([c.penalty in NORMED_PENALTIES and c.decoder_norm ==
                                "concatenated" for c in cfgs])
         keys = [(c.penalty, c.decoder_norm, c.tanh_scale) for c in cfgs]
+        segs = tuple((fam, start, stop, frozenset(keys[start:stop])) for fam, start, stop in
+                     act.segments([family(c.penalty, c.decoder_norm) for c in cfgs]))
         return cls(masks, concat, cross,
                    torch.tensor([c.preact_coef for c in cfgs]),
                    torch.tensor([c.auxk_coef if c.penalty in ("topk", "batchtopk") else 0.0
                                  for c in cfgs]),
                    any(k[0] in NORMED_PENALTIES for k in runs) or bool((cross > 0).any()),
-                   tuple(act.segments(keys)))
+                   segs, torch.tensor([c.penalty == "tanh" for c in cfgs]),
+                   torch.tensor([c.tanh_scale if c.penalty == "tanh" else 1.0
+                                 for c in cfgs], dtype=torch.float64))
 
 
 def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
@@ -116,9 +133,10 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
     """Mean over the batch of each run's per-sample penalty, [R] (λ not applied).
 
     Runs are grouped by (penalty, norm, c), so l1 and tanh runs with any decoder norm train
-    side by side in one ensemble. When the runs come in a few long stretches of one group
-    each (the sweep orders them so), each stretch's penalty is computed on a view of its
-    own rows. Otherwise each group's penalty is computed for every run and kept for the
+    side by side in one ensemble. When the runs come in a few long stretches of one
+    ``family`` each (the sweep orders them so), each stretch's penalty is computed on a view
+    of its own rows, its runs' norms and penalties chosen run by run (``torch.where``).
+    Otherwise each group's penalty is computed for every run and kept for the
     group's own runs (``torch.where``): the others' terms reach a run only as exact zeros,
     in value and gradient, and selecting costs fewer and cheaper ops than gathering each
     group's rows and scattering them back. Either way a run's value is the one it gets
@@ -130,9 +148,10 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
         block_norms_RSTF = tc.decoder_block_norms()
     if len(plan.groups) > 1 and _by_segment(plan, R):
         return act.apply_by_segment(
-            lambda key, acts, rows: _segment_penalty(tc, out, key, acts, rows,
+            lambda key, acts, rows: _segment_penalty(tc, out, plan, key, acts, rows,
                                                      block_norms_RSTF),
-            out.acts_RBLF, list(plan.segments))
+            out.acts_RBLF, [((fam, keys), start, stop)
+                            for fam, start, stop, keys in plan.segments])
     values = _group_penalties(tc, out, plan, block_norms_RSTF)
     if len(plan.groups) == 1:
         return next(iter(values.values()), out.pre_RBLF.new_zeros(R))
@@ -151,22 +170,51 @@ MIN_STRETCH_RUNS = 8
 
 def _by_segment(plan: LossPlan, R: int) -> bool:
     """Compute the penalties stretch by stretch? When the runs lie in few, long stretches."""
-    segs = list(plan.segments)
+    # At most two stretches per (penalty, norm, c) group: a family's stretch holds one or
+    # more whole groups, so a layout with each group in one place per arch qualifies.
+    segs = [seg[:3] for seg in plan.segments]
     return (bool(segs) and act.contiguous(segs, len(plan.groups))
             and R >= MIN_STRETCH_RUNS * len(segs))
 
 
-def _segment_penalty(tc, out, key: tuple, acts_RBLF, rows: slice, block_norms_RSTF):
-    """[R_seg]: the penalty of a stretch of runs that share ``key``, from their own rows
-    only (the same ops, row by row, as for the whole ensemble or a run alone)."""
-    penalty, norm, scale = key
-    if penalty == "l0":
+def _segment_penalty(tc, out, plan: LossPlan, key: tuple, acts_RBLF, rows: slice,
+                     block_norms_RSTF):
+    """[R_seg]: the penalty of a stretch of runs of one ``family`` that use the (penalty,
+    norm, c) ``keys``, from their own rows only: the same elementwise ops and row sums, row
+    by row, as for a run alone."""
+    fam, keys = key
+    if fam == "l0":
         return _l0_penalty(tc, out, rows)
-    if penalty not in NORMED_PENALTIES:  # TopK / BatchTopK: a fixed budget, no penalty
+    if fam not in ("rows", "blocks"):  # TopK / BatchTopK: a fixed budget, no penalty
         return acts_RBLF.new_zeros(acts_RBLF.shape[0])
     blocks = block_norms_RSTF[rows]
-    norms = blocks if norm == "per_block" else feature_norms(blocks, norm)
-    return row_mean(summed_terms(weighted_acts(acts_RBLF, norms), penalty, scale))
+    norms = blocks if fam == "blocks" else _run_norms(blocks, keys, plan.concat_R[rows])
+    return row_mean(_run_terms(weighted_acts(acts_RBLF, norms), keys, plan.tanh_R[rows],
+                               plan.scale_R[rows]))
+
+
+def _run_norms(blocks_RSTF, keys: frozenset, concat_R) -> torch.Tensor:
+    """[R,S,F]: each run's feature norm, concatenated or summed as the run asks."""
+    kinds = {k[1] for k in keys}
+    if len(kinds) == 1:
+        return feature_norms(blocks_RSTF, next(iter(kinds)))
+    return torch.where(concat_R[:, None, None], feature_norms(blocks_RSTF, "concatenated"),
+                       feature_norms(blocks_RSTF, "summed"))
+
+
+def _run_terms(w, keys: frozenset, tanh_R, scale_R) -> torch.Tensor:
+    """[R,B]: each run's summed penalty terms, l1 or tanh with its own c, from its weighted
+    activations ``w``: for a run, the same elementwise values as ``summed_terms``."""
+    if len(keys) == 1 or {k[0] for k in keys} == {"l1"}:
+        penalty, _, scale = next(iter(keys))
+        return summed_terms(w, penalty, scale)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    # c in w's dtype, as a Python float c is when it multiplies w alone (``summed_terms``)
+    tanh = torch.tanh(scale_R.to(w.dtype).view(shape) * w)
+    if {k[0] for k in keys} != {"tanh"}:
+        tanh = torch.where(tanh_R.view(shape), tanh, w)
+    R, B = tanh.shape[:2]
+    return row_sum(tanh.reshape(R * B, -1)).view(R, B)
 
 
 def _group_penalties(tc, out, plan: LossPlan, block_norms_RSTF) -> dict:

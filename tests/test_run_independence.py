@@ -99,6 +99,28 @@ def test_a_run_in_an_ensemble_equals_the_run_alone(data, activation, batch_size)
         _assert_same_run(ens, i, part, j)
 
 
+
+def test_a_stretch_of_mixed_row_norm_penalties_gives_each_run_its_own_bits(data, monkeypatch):
+    """l1 and tanh runs with concatenated or summed norms and different c make one stretch
+    (``losses.family``: each computed with its own norm and penalty chosen per run); every
+    run gets the bits it gets alone, loss and logged penalty included."""
+    from clt_eval import losses
+
+    monkeypatch.setattr(losses, "MIN_STRETCH_RUNS", 1)
+    specs = [_spec(arch="clt", penalty="l1", sparsity_coef=0.05, seed=0),
+             _spec(arch="clt", penalty="tanh", sparsity_coef=0.1, tanh_scale=3.0, seed=1),
+             _spec(arch="clt", penalty="l1", decoder_norm="summed", sparsity_coef=0.02, seed=2),
+             _spec(arch="clt", penalty="tanh", decoder_norm="summed", sparsity_coef=0.3,
+                   tanh_scale=0.7, seed=3)]
+    plan = losses.LossPlan.build([s.loss_config() for s in specs], len(specs))
+    assert [seg[0] for seg in plan.segments] == ["rows"] and losses._by_segment(plan, 4)
+    ens, final = _fit(specs, data, 80)
+    for i, s in enumerate(specs):
+        alone, final_alone = _fit([s], data, 80)
+        _assert_same_run(ens, i, alone)
+        for key in ("loss", "sparsity"):
+            assert torch.equal(final[key][i], final_alone[key][0]), (i, key)
+
 @pytest.mark.parametrize("stretch_runs", [1, 10_000])
 def test_a_run_gets_the_same_bits_in_layout_order_and_in_any_order(data, monkeypatch,
                                                                     stretch_runs):

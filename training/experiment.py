@@ -19,6 +19,7 @@ from clt_eval.costs import cost_key, sparsity_costs
 from clt_eval.device import resolve_device
 from clt_eval.errors import CltEvalError
 from clt_eval.evaluate import evaluate
+from clt_eval.losses import family
 from clt_eval.replacement import collect_mlp_io
 from clt_eval.training import distributed, workers
 from clt_eval.training.config import RunSpec, TrainConfig
@@ -81,11 +82,14 @@ def group_specs(specs: list[RunSpec], mix_activations: bool = False) -> list[lis
 
 def layout_key(spec: RunSpec) -> tuple:
     """Where a run sits in its ensemble: PLTs then CLTs, by activation, k and penalty inside
-    each. A run's numbers do not depend on its place, but the step's cost does: runs that
-    decode, activate and select alike then lie side by side, and each kind is computed on a
-    view of its rows instead of a gathered copy (measured: docs/concepts.md §8.6)."""
-    return (spec.arch != "plt", spec.resolved_activation, spec.k or 0, spec.penalty,
-            spec.decoder_norm, spec.tanh_scale)
+    each, penalties that weigh each feature by one norm (l1 and tanh with concatenated or
+    summed norms, ``losses.family``) side by side. A run's numbers do not depend on its
+    place, but the step's cost does: runs that decode, activate, select and are penalised
+    alike then lie side by side, and each kind is computed on a view of its rows instead of
+    a gathered copy (measured: docs/concepts.md §8.6)."""
+    return (spec.arch != "plt", spec.resolved_activation, spec.k or 0,
+            family(spec.penalty, spec.decoder_norm), spec.penalty, spec.decoder_norm,
+            spec.tanh_scale)
 
 
 @dataclass

@@ -190,7 +190,8 @@ def _plan_on(plan: LossPlan, device: torch.device) -> LossPlan:
         plan, groups={k: v.to(device) for k, v in plan.groups.items()},
         concat_R=plan.concat_R.to(device),
         cross_R=plan.cross_R.to(device), preact_R=plan.preact_R.to(device),
-        auxk_R=plan.auxk_R.to(device))
+        auxk_R=plan.auxk_R.to(device), tanh_R=plan.tanh_R.to(device),
+        scale_R=plan.scale_R.to(device))
 
 
 def _resolve_device(name: str) -> torch.device:

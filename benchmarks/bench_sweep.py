@@ -6,12 +6,20 @@ wandb run is not counted for either side); (2) a random sample of the sweep's ru
 trained and evaluated alone exactly as the sweep does it. Training all ~2,000 alone would
 take hours, so the comparison is per run. One thread on both sides.
 
+Both sides are timed warm: the case study's model is built and one short run trained before
+either clock starts, so the sweep is not charged for the process's one-time start-up
+(importing transformer_lens, loading compiled kernels), which the runs alone, timed after
+it, never paid. The sampled runs are each timed twice, once before the sweep and once after,
+and the two averaged, so a machine whose speed drifts during the several minutes of the
+sweep biases neither side.
+
     .venv/bin/python benchmarks/bench_sweep.py [--sample 12] [--spec PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -30,8 +38,9 @@ def main() -> None:
 
     import torch
 
+    from clt_eval.case_study import load_case_study
     from clt_eval.training.config import RunSpec
-    from clt_eval.training.experiment import train_group
+    from clt_eval.training.experiment import case_data, train_group
     from clt_eval.training.sweep import run_sweep
     from clt_eval.training.sweep_spec import load_spec
 
@@ -39,6 +48,15 @@ def main() -> None:
     # One thread for both sides, as `--threads auto` gives the toys (a second thread only
     # waits on their tiny products).
     torch.set_num_threads(1)
+    case = load_case_study(spec.case_study)
+    model = case.model()
+    data = case_data(case, model)
+    warm = spec.runs()[0]
+    train_group(case, model, [warm], dataclasses.replace(spec.train, steps=5), data)
+    # Sampled from the grid, which has every kind of run the sweep trains (its matched-L0
+    # runs are grid kinds at other λ, and exist only once the sweep has run).
+    sample = random.Random(0).sample(spec.runs(), min(args.sample, len(spec.runs())))
+    t_before = _alone(case, model, sample, spec.train, data)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = run_sweep(spec, Path(tmp), "disabled", progress=False)
@@ -46,30 +64,32 @@ def main() -> None:
         saved = json.loads(result["sweep"].read_text())
         runs = [RunSpec(**r["spec"]) for r in saved["runs"]]
         unused = len(trained_ahead_unused(saved, spec))
-    from clt_eval.case_study import load_case_study
-    from clt_eval.training.experiment import case_data
-
-    case = load_case_study(spec.case_study)
-    model = case.model()
-    data = case_data(case, model)
-    sample = random.Random(0).sample(runs, min(args.sample, len(runs)))
-    t0 = time.perf_counter()
-    for s in sample:
-        train_group(case, model, [s], spec.train, data)
-    t_alone = (time.perf_counter() - t0) / len(sample)
+    t_after = _alone(case, model, sample, spec.train, data)
+    t_alone = (t_before + t_after) / 2
     n = len(runs)
     print(f"default sweep: {n} runs ({len(spec.runs())} grid + {n - len(spec.runs())} "
           f"matched-L0), {spec.train.steps} steps each, 1 thread")
     print(f"sweep, end to end:  {t_sweep:7.1f} s  = {n / t_sweep:6.1f} runs/s "
           f"({t_sweep / n * 1000:.1f} ms per run)")
     print(f"one at a time:      {t_alone * 1000:7.1f} ms per run (train + evaluate, "
-          f"{len(sample)} sampled runs)  = {1 / t_alone:6.2f} runs/s")
+          f"{len(sample)} sampled runs, each timed twice)  = {1 / t_alone:6.2f} runs/s; "
+          f"{t_before * 1000:.1f} ms before the sweep, {t_after * 1000:.1f} ms after")
     print(f"speed-up per run: {t_alone / (t_sweep / n):.1f}x "
           f"(all {n} runs alone would take ~{t_alone * n / 60:.0f} min)")
     # The search trains two bisection steps per ensemble, and with them midpoints it then
     # does not take: counting only the runs a plain search would train is the fairer ratio.
     print(f"speed-up over the {n - unused} runs a one-step-at-a-time search would train "
           f"({unused} trained ahead and not used): {t_alone * (n - unused) / t_sweep:.1f}x")
+
+
+def _alone(case, model, specs, train, data) -> float:
+    """Seconds per run, each trained and evaluated alone exactly as the sweep does it."""
+    from clt_eval.training.experiment import train_group
+
+    t0 = time.perf_counter()
+    for s in specs:
+        train_group(case, model, [s], train, data)
+    return (time.perf_counter() - t0) / max(1, len(specs))
 
 
 def trained_ahead_unused(saved: dict, spec) -> list[str]:

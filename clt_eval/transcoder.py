@@ -21,8 +21,10 @@ sits among them (BLAS's batched kernels do depend on it: measured, not assumed, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import operator
 
 import torch
 from torch import nn
@@ -532,14 +534,13 @@ class Transcoder(nn.Module):
         if acts_RBLF is None:
             R, B, L, F = (len(support_RBLF.lists), support_RBLF.n_rows,
                           len(support_RBLF.lists[0]), support_RBLF.n_cols)
-            y = support_RBLF.vals[0][0].new_zeros(R, B, L, self.cfg.d_model)
             sources = [None] * L
         else:
             R, B, L, F = acts_RBLF.shape
-            y = acts_RBLF.new_zeros(R, B, L, self.cfg.d_model)
             # unbind, not acts[:, :, s]: the backward of L selections would build L
             # gradients the size of all activations; that of one unbind stacks L slices.
             sources = acts_RBLF.unbind(2)
+        into = [[] for _ in range(L)]  # what each target layer receives, source by source
         for s, a_RBF in enumerate(sources):  # a fixed order of sources
             W = self._group_weights(s, runs, plt)
             T = W.shape[2]
@@ -551,8 +552,11 @@ class Transcoder(nn.Module):
                 part = torch.stack([sparse_source_decode(a, sup, W_r.reshape(F, -1))
                                     for a, sup, W_r in zip(a_R, sups, W.unbind(0),
                                                            strict=True)])
-            y[:, :, s:s + T] += part.view(R, B, T, -1)
-        return y
+            for i, p in enumerate(part.view(R, B, T, -1).unbind(2)):
+                into[s + i].append(p)
+        # Summed out of place and stacked once: adding into slices of one output tensor
+        # made the backward copy the whole gradient for every slice.
+        return torch.stack([functools.reduce(operator.add, parts) for parts in into], 2)
 
     def _row_keys(self, sparse_N: torch.Tensor | None, runs: list[int]) -> list[tuple]:
         """(sparse, plt) of each row of ``runs``: rows with equal keys decode alike."""

@@ -258,3 +258,29 @@ def test_a_batch_invariant_model_evaluates_runs_together_as_it_does_one_at_a_tim
             assert all(torch.equal(a[k], b[k]) for k in a), key
         else:
             assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("batch", [13, 4_000])
+def test_a_plt_run_decodes_in_a_mixed_ensemble_as_alone(batch):
+    """Small products: PLT rows decode with the CLT rows, their absent slots read as zeros;
+    from LOOP_MIN_MACS multiply-adds (BLAS, whose sums depend on the product's width) they
+    decode apart. Either way a PLT run's output and gradients are its alone bits."""
+    from clt_eval.transcoder import LOOP_MIN_MACS
+
+    specs = [_spec(arch="clt", seed=0), _spec(arch="plt", seed=1), _spec(arch="clt", seed=2)]
+    tc = Transcoder([s.transcoder_config(D, L) for s in specs], seeds=[0, 1, 2])
+    g = torch.Generator().manual_seed(3)
+    acts = torch.rand(3, batch, L, F, generator=g).requires_grad_()
+    assert tc._plt_apart(acts) == (batch * F * L * D >= LOOP_MIN_MACS)
+    one = tc.select([1])
+    mine = acts.detach()[1:2].clone().requires_grad_()
+    y_all, y_one = tc.write(acts), one.write(mine)
+    assert torch.equal(y_all[1:2], y_one)
+    grad = torch.randn(y_all.shape, generator=g)
+    y_all.backward(grad)
+    y_one.backward(grad[1:2])
+    assert torch.equal(acts.grad[1:2], mine.grad)
+    for s in range(L):
+        own = getattr(tc, f"W_dec_{s}").grad[1, :, :1]
+        assert torch.equal(own, getattr(one, f"W_dec_{s}").grad[0])
+        assert not getattr(tc, f"W_dec_{s}").grad[1, :, 1:].any()  # absent slots: no grad

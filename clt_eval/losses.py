@@ -66,6 +66,11 @@ def summed_terms(w: torch.Tensor, penalty: str, tanh_scale: float) -> torch.Tens
         terms = torch.tanh(tanh_scale * w)
     else:
         raise ValueError(f"penalty={penalty!r} is not norm-weighted")
+    return per_sample_sum(terms)
+
+
+def per_sample_sum(terms: torch.Tensor) -> torch.Tensor:
+    """[R,B]: the sum of each sample's terms ([R,B,...]), in an order independent of R."""
     R, B = terms.shape[:2]
     return row_sum(terms.reshape(R * B, -1)).view(R, B)
 
@@ -172,7 +177,7 @@ def _by_segment(plan: LossPlan, R: int) -> bool:
     """Compute the penalties stretch by stretch? When the runs lie in few, long stretches."""
     # At most two stretches per (penalty, norm, c) group: a family's stretch holds one or
     # more whole groups, so a layout with each group in one place per arch qualifies.
-    segs = [seg[:3] for seg in plan.segments]
+    segs = plan.segments
     return (bool(segs) and act.contiguous(segs, len(plan.groups))
             and R >= MIN_STRETCH_RUNS * len(segs))
 
@@ -213,8 +218,7 @@ def _run_terms(w, keys: frozenset, tanh_R, scale_R) -> torch.Tensor:
     tanh = torch.tanh(scale_R.to(w.dtype).view(shape) * w)
     if {k[0] for k in keys} != {"tanh"}:
         tanh = torch.where(tanh_R.view(shape), tanh, w)
-    R, B = tanh.shape[:2]
-    return row_sum(tanh.reshape(R * B, -1)).view(R, B)
+    return per_sample_sum(tanh)
 
 
 def _group_penalties(tc, out, plan: LossPlan, block_norms_RSTF) -> dict:
@@ -264,8 +268,7 @@ def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,
     S = norms_RSTF.shape[1]
     off = torch.ones(S, S, dtype=torch.bool, device=norms_RSTF.device).triu(1)
     cross_RSF = (norms_RSTF * off[None, :, :, None]).sum(2)
-    R, B = acts_RBLF.shape[:2]
-    return row_sum((acts_RBLF * cross_RSF[:, None]).reshape(R * B, -1)).view(R, B)
+    return per_sample_sum(acts_RBLF * cross_RSF[:, None])
 
 
 def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF,

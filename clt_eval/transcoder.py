@@ -235,6 +235,18 @@ def shared_fields(cfg: TranscoderConfig) -> dict:
     return d
 
 
+def _zero_absent_grads(plt_rows: slice | list[int], W: torch.Tensor) -> None:
+    """After a mixed ensemble's ``W_dec_{s}`` [R, F, T, D] has accumulated its gradient:
+    zero it at the PLT runs' (``plt_rows``) absent slots 1..T-1 (in place: only those
+    slots are touched)."""
+    if W.grad is None:
+        return
+    if isinstance(plt_rows, slice):
+        W.grad[plt_rows, :, 1:] = 0.0
+    else:
+        W.grad[:, :, 1:].index_fill_(0, torch.tensor(plt_rows, device=W.device), 0.0)
+
+
 def fit_targets(W_RFTD: torch.Tensor, n_targets: int) -> torch.Tensor:
     """A per-source decoder with ``n_targets`` target slots: extra slots (absent blocks of a
     PLT run) dropped, missing ones added as zeros."""
@@ -247,9 +259,11 @@ def fit_targets(W_RFTD: torch.Tensor, n_targets: int) -> torch.Tensor:
 class Transcoder(nn.Module):
     """R runs of one shape. Decoders are stored per source layer s as ``W_dec_{s}``
     [R, F, T_s, D] holding the blocks s→s..s+T_s-1: T_s = L - s when any run is a CLT, 1 when
-    all are PLTs. A PLT run in a mixed ensemble keeps its cross-layer slots at zero, and they
-    stay zero: every reader, the decode included, masks them, so their gradients are zero
-    too."""
+    all are PLTs. A PLT run in a mixed ensemble stores cross-layer slots that no reader
+    uses: every reader masks them, and their gradients are zeroed as they accumulate
+    (``_zero_absent_grads``). They start at zero and so stay zero under training (an
+    optimiser moves a weight with zero gradient and zero moments by an exact zero), which
+    lets the decode skip its mask while they are (``_absent_zero``)."""
 
     # Run-independent products (``run_matmul``); False: BLAS's batched kernels, faster for
     # large ensembles of small transcoders, but a run's numbers then depend on its ensemble.
@@ -294,6 +308,15 @@ class Transcoder(nn.Module):
         self.register_buffer("decoder_mask_RST", masks)
         # Only an ensemble mixing PLT and CLT runs stores slots that must be masked.
         self.mixed = cross and any(c.arch == "plt" for c in cfgs) and L > 1
+        if self.mixed:
+            plt = [r for r, c in enumerate(cfgs) if c.arch == "plt"]
+            # A slice when the PLT runs lie side by side, as the trainer lays them out.
+            self._plt_rows = (slice(plt[0], plt[-1] + 1)
+                              if plt == list(range(plt[0], plt[-1] + 1)) else plt)
+            for s, W in enumerate(self.decoder_params()):
+                if self.n_targets[s] > 1:
+                    W.register_post_accumulate_grad_hook(
+                        functools.partial(_zero_absent_grads, self._plt_rows))
         ks = [c.k or 0 for c in cfgs]
         self.register_buffer("k_R", torch.tensor(ks, dtype=torch.long))
         if init:
@@ -517,25 +540,37 @@ class Transcoder(nn.Module):
         return torch.bmm(a_RBF, W_RFX)
 
     def _group_weights(self, s: int, runs: torch.Tensor | None, plt: bool,
-                       dense: bool) -> torch.Tensor:
+                       joint: bool) -> torch.Tensor:
         """[R_g, F, T_g, D]: source s's decoders for a group of runs.
 
         In a mixed PLT/CLT ensemble, a PLT group reads its own-layer slot only (``plt``;
-        see ``_plt_apart``). Otherwise dense rows decode together, and PLT runs' absent slots
-        read as exact zeros (``torch.where``: +0, and no gradient reaches the slots). A PLT
-        run's own-layer outputs are then the same sums as alone; the absent slots add an
-        exact zero to its other outputs, and to its activations' gradients after the
-        own-layer terms. An exact zero leaves a sum as it is (but for the sign of a sum that
-        is itself zero), and one product for the whole ensemble costs less than one per
-        kind (measured on the toy sweep's 30-run ensembles: 7.0-7.1 vs 8.4-8.5 and 8.5-9.8
-        vs 10.3-11.0 ms a step).
+        see ``_plt_apart``). Otherwise, in a ``joint`` group, dense rows decode together,
+        and PLT runs' absent slots read as exact +0: as they are while they hold zeros
+        (``_absent_zero``; their gradients are zeroed as they accumulate), else through a
+        ``torch.where`` (a caller wrote into them). A PLT run's own-layer outputs are then
+        the same sums as alone; the absent slots add an exact zero to its other outputs, and
+        to its activations' gradients after the own-layer terms. An exact zero leaves a sum
+        as it is (but for the sign of a sum that is itself zero). One product for the whole
+        ensemble costs less than one per kind (measured on the toy sweep's 30-run
+        ensembles: 7.0-7.1 vs 8.4-8.5 and 8.5-9.8 vs 10.3-11.0 ms a step), and reading the
+        slots as they are saves the where's copies forward and backward (interleaved A/B:
+        44.0-49.6 vs 50.8-54.7 ms a step at 540 runs, 29.0-30.1 vs 30.6-31.1 at 306).
         """
         W = getattr(self, f"W_dec_{s}")
         if plt and W.shape[2] > 1:
             W = W[:, :, :1]
-        elif dense and self.mixed and W.shape[2] > 1:
+        elif joint and W.shape[2] > 1 and not self._absent_zero(s):
             W = torch.where(self.target_mask(s)[:, None, :, None], W, 0.0)
         return W if runs is None else W[runs]
+
+    def _absent_zero(self, s: int) -> bool:
+        """Do the PLT runs' absent slots of source ``s`` hold exact zeros? (A read of those
+        slots only; -0 counts as zero, and a product with it adds an exact zero too.)"""
+        rows = self._plt_rows
+        W = getattr(self, f"W_dec_{s}").detach()[:, :, 1:]
+        absent = W[rows] if isinstance(rows, slice) else W.index_select(
+            0, torch.tensor(rows, device=W.device))
+        return not bool(absent.any())
 
     def _write_group(self, acts_RBLF, support_RBLF, runs, plt: bool) -> torch.Tensor:
         """[R_g,B,L,D] for runs of one kind (dense or sparse decode; PLT or not).
@@ -551,9 +586,12 @@ class Transcoder(nn.Module):
             # unbind, not acts[:, :, s]: the backward of L selections would build L
             # gradients the size of all activations; that of one unbind stacks L slices.
             sources = acts_RBLF.unbind(2)
+        # Do PLT rows decode in this group with CLT rows, reading every slot?
+        joint = (self.mixed and not plt and support_RBLF is None
+                 and not self._plt_apart(acts_RBLF))
         into = [[] for _ in range(L)]  # what each target layer receives, source by source
         for s, a_RBF in enumerate(sources):  # a fixed order of sources
-            W = self._group_weights(s, runs, plt, dense=support_RBLF is None)
+            W = self._group_weights(s, runs, plt, joint)
             T = W.shape[2]
             if support_RBLF is None:
                 part = self._product(a_RBF, W.reshape(R, F, -1))

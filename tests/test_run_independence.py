@@ -284,3 +284,28 @@ def test_a_plt_run_decodes_in_a_mixed_ensemble_as_alone(batch):
         own = getattr(tc, f"W_dec_{s}").grad[1, :, :1]
         assert torch.equal(own, getattr(one, f"W_dec_{s}").grad[0])
         assert not getattr(tc, f"W_dec_{s}").grad[1, :, 1:].any()  # absent slots: no grad
+
+
+@pytest.mark.parametrize("archs", [("clt", "plt", "plt", "clt"), ("plt", "clt", "plt", "clt")])
+def test_absent_slots_stay_zero_in_training_and_written_ones_are_masked(archs):
+    """A mixed ensemble's decode reads PLT runs' absent slots unmasked while they hold zeros:
+    training keeps them zero (their gradients are zeroed as they accumulate), and values a
+    caller writes there are masked out all the same. PLT runs side by side or apart."""
+    specs = [_spec(arch=a, seed=i) for i, a in enumerate(archs)]
+    tc = Transcoder([s.transcoder_config(D, L) for s in specs], seeds=[0, 1, 2, 3])
+    plt = [i for i, a in enumerate(archs) if a == "plt"]
+    g = torch.Generator().manual_seed(5)
+    opt = torch.optim.Adam(tc.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        tc.write(torch.rand(4, 13, L, F, generator=g)).pow(2).sum().backward()
+        assert not tc.W_dec_0.grad[plt, :, 1:].any()
+        assert tc.W_dec_0.grad[[i for i in range(4) if i not in plt], :, 1:].abs().sum() > 0
+        opt.step()
+    assert tc._absent_zero(0) and not tc.W_dec_0.detach()[plt, :, 1:].any()
+    acts = torch.rand(4, 13, L, F, generator=g)
+    clean = tc.write(acts)
+    with torch.no_grad():
+        tc.W_dec_0[plt[-1], :, 1:] = 7.0
+    assert not tc._absent_zero(0)
+    assert torch.equal(tc.write(acts), clean)

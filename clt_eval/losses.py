@@ -19,7 +19,13 @@ import torch
 
 from clt_eval import activations as act
 from clt_eval.config import NORMED_PENALTIES, LossConfig
-from clt_eval.transcoder import Transcoder, TranscoderOutput, row_sum
+from clt_eval.transcoder import (
+    Transcoder,
+    TranscoderOutput,
+    per_sample,
+    row_sum,
+    run_matmul,
+)
 
 
 def row_mean(t_MX: torch.Tensor) -> torch.Tensor:
@@ -48,9 +54,10 @@ def feature_norms(block_norms_RSTF: torch.Tensor, decoder_norm: str) -> torch.Te
 
 def weighted_acts(acts_RBLF: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """a_i · ‖W_dec,i‖ per sample: [R,B,S,F], or [R,B,S,T,F] for per-block norms."""
+    norms_B = per_sample(norms, acts_RBLF.shape[1])  # its gradient: the batch summed in order
     if norms.dim() == 4:  # per_block: one term per (feature, target layer)
-        return acts_RBLF[:, :, :, None, :] * norms[:, None]
-    return acts_RBLF * norms[:, None]
+        return acts_RBLF[:, :, :, None, :] * norms_B
+    return acts_RBLF * norms_B
 
 
 def penalty_terms(acts_RBLF, norms, penalty: str, tanh_scale: float) -> torch.Tensor:
@@ -70,9 +77,14 @@ def summed_terms(w: torch.Tensor, penalty: str, tanh_scale: float) -> torch.Tens
 
 
 def per_sample_sum(terms: torch.Tensor) -> torch.Tensor:
-    """[R,B]: the sum of each sample's terms ([R,B,...]), in an order independent of R."""
+    """[R,B]: the sum of each sample's terms ([R,B,...]), in an order independent of R: a
+    product with ones (``run_matmul``), which on the toys' sizes sums each sample's terms
+    in order, so that exact zeros among them (a padded run's extra features,
+    ``Transcoder.ragged``) leave the sum as it is, where a vectorised sum's order depends on
+    the count."""
     R, B = terms.shape[:2]
-    return row_sum(terms.reshape(R * B, -1)).view(R, B)
+    flat = terms.reshape(R, B, -1)
+    return run_matmul(flat, flat.new_ones(1, flat.shape[2], 1)).view(R, B)
 
 
 def per_run(cfgs: LossConfig | list[LossConfig], R: int) -> list[LossConfig]:
@@ -268,7 +280,7 @@ def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,
     S = norms_RSTF.shape[1]
     off = torch.ones(S, S, dtype=torch.bool, device=norms_RSTF.device).triu(1)
     cross_RSF = (norms_RSTF * off[None, :, :, None]).sum(2)
-    return per_sample_sum(acts_RBLF * cross_RSF[:, None])
+    return per_sample_sum(acts_RBLF * per_sample(cross_RSF, acts_RBLF.shape[1]))
 
 
 def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF,
@@ -317,7 +329,7 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
     sparsity = sparsity_penalty(tc, out, plan, block_norms)
     total = mse + coef_R * sparsity
     if bool((plan.preact_R > 0).any()):
-        total = total + plan.preact_R * row_sum((-out.pre_RBLF).relu()) / B
+        total = total + plan.preact_R * row_sum(per_sample_sum((-out.pre_RBLF).relu())) / B
     if bool((plan.cross_R > 0).any()):
         total = total + coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
                                                                           block_norms))

@@ -228,11 +228,49 @@ def structure_mask(arch: str, n_layers: int) -> torch.Tensor:
 
 def shared_fields(cfg: TranscoderConfig) -> dict:
     """Fields every run of an ensemble must agree on (arch, activation and k may vary per
-    run)."""
+    run, and the width for ReLU runs: ``Transcoder``'s padded widths)."""
     d = dataclasses.asdict(cfg)
-    for name in ("arch", "activation", "k"):
+    for name in ("arch", "activation", "k", "n_features"):
         d.pop(name)
     return d
+
+
+def per_sample(t_RX: torch.Tensor, B: int) -> torch.Tensor:
+    """[R,B,*X]: ``t`` for each of B samples, the same values as a broadcast, as ones times t
+    (``run_matmul``), so that t's gradient sums the batch in order. A broadcast's backward
+    sums it in an order that depends on the size of X (measured: a bias of 2 against 8
+    features, 3 layers), which a padded run (``Transcoder.ragged``) would notice."""
+    R = t_RX.shape[0]
+    ones = t_RX.new_ones(1, B, 1)
+    return run_matmul(ones, t_RX.reshape(R, 1, -1)).view(R, B, *t_RX.shape[1:])
+
+
+def padding_is_exact(n_layers: int, d_model: int, width: int, batch: int,
+                     device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Does a ReLU run padded to ``width`` features train to the numbers it gets alone
+    (``Transcoder.ragged``), on batches of ``batch`` samples? Yes when every product of a
+    step runs through ``small_matmul``'s in-order sums (an exact zero leaves those as they
+    are; BLAS's and the pairwise sums' orders depend on the count). The largest product of a
+    step is a batch of activations times the decoders of every target layer."""
+    return (torch.device(device).type == "cpu" and dtype in COMPILED_DTYPES
+            and batch * width * n_layers * max(d_model, 1) < LOOP_MIN_MACS)
+
+
+def _fit_features(state: dict, F: int) -> dict:
+    """``state`` with every feature axis cut or zero-padded to ``F`` features."""
+    def fit(t: torch.Tensor, axis: int) -> torch.Tensor:
+        n = t.shape[axis]
+        if n >= F:
+            return t.narrow(axis, 0, F)
+        pad = [0, 0] * (t.dim() - 1 - axis % t.dim()) + [0, F - n]
+        return nn.functional.pad(t, pad)
+
+    for name in ("W_enc", "b_enc", "log_threshold"):
+        if name in state:
+            state[name] = fit(state[name], -1)
+    for name in [k for k in state if k.startswith("W_dec_")]:
+        state[name] = fit(state[name], 1)
+    return state
 
 
 def _zero_absent_grads(plt_rows: slice | list[int], W: torch.Tensor) -> None:
@@ -263,7 +301,15 @@ class Transcoder(nn.Module):
     uses: every reader masks them, and their gradients are zeroed as they accumulate
     (``_zero_absent_grads``). They start at zero and so stay zero under training (an
     optimiser moves a weight with zero gradient and zero moments by an exact zero), which
-    lets the decode skip its mask while they are (``_absent_zero``)."""
+    lets the decode skip its mask while they are (``_absent_zero``).
+
+    ReLU runs of different widths may share an ensemble (``ragged``): each stores the widest
+    run's F features, its own first. A run's extra features start with zero weights, so
+    their pre-activations are exact zeros, ReLU keeps them at zero and passes them no
+    gradient, and their decoder rows are multiplied only by zero activations: they stay
+    zero. Every sum over features adds them as exact zeros to an in-order sum, which they
+    leave as it is (``small_matmul``'s products, ``losses.per_sample_sum``), so a run's
+    numbers are its alone ones. ``select`` cuts a run back to its width."""
 
     # Run-independent products (``run_matmul``); False: BLAS's batched kernels, faster for
     # large ensembles of small transcoders, but a run's numbers then depend on its ensemble.
@@ -280,10 +326,19 @@ class Transcoder(nn.Module):
         base = shared_fields(cfgs[0])
         for i, c in enumerate(cfgs):
             require(shared_fields(c) == base,
-                    f"run {i}: configs in one ensemble may differ only in arch, activation "
-                    "and k")
+                    f"run {i}: configs in one ensemble may differ only in arch, activation, "
+                    "k and width")
         self.cfgs = list(cfgs)
-        cfg = cfgs[0]
+        widths = [c.n_features for c in cfgs]
+        # Runs of several widths: each stores max(widths) features, the ones past its own
+        # width held at exact zeros (see the class docstring).
+        self.ragged = len(set(widths)) > 1
+        if self.ragged:
+            other = sorted({c.activation for c in cfgs} - {"relu"})
+            require(not other, f"runs of different widths ({sorted(set(widths))} features) "
+                    f"share an ensemble only with the relu activation; got {other}")
+        self._cfg = dataclasses.replace(cfgs[0], n_features=max(widths))
+        cfg = self._cfg
         R, L, F, D = len(cfgs), cfg.n_layers, cfg.n_features, cfg.d_model
         self.W_enc = nn.Parameter(torch.empty(R, L, D, F))
         self.b_enc = nn.Parameter(torch.empty(R, L, F))
@@ -325,7 +380,8 @@ class Transcoder(nn.Module):
     # ---- construction ---------------------------------------------------------------
     @property
     def cfg(self) -> TranscoderConfig:
-        return self.cfgs[0]
+        """The first run's config, with the stored width (``n_features``)."""
+        return self._cfg
 
     @property
     def n_runs(self) -> int:
@@ -336,23 +392,24 @@ class Transcoder(nn.Module):
         """Initialise each run from its own seed, so a run does not depend on its neighbours
         (nor on how many target slots the ensemble stores)."""
         cfg = self.cfg
-        L, F, D = cfg.n_layers, cfg.n_features, cfg.d_model
-        for p in self.decoder_params():
+        L, D = cfg.n_layers, cfg.d_model
+        for p in [self.W_enc, *self.decoder_params()]:
             p.zero_()
         for r, seed in enumerate(seeds):
+            F = self.cfgs[r].n_features  # its own width: a padded run draws what it does alone
             g = torch.Generator().manual_seed(int(seed))
             w = (torch.rand(L, D, F, generator=g) * 2 - 1) / D**0.5
-            self.W_enc[r] = w
+            self.W_enc[r, ..., :F] = w
             # Own-layer decoders start along the encoder's directions, every block at norm 0.1:
             # small, so early steps are driven by the data, and the same for cross-layer
             # blocks, so the initialisation favours neither skipping nor not skipping.
             own = w.transpose(1, 2)
             own = own / own.norm(dim=-1, keepdim=True) * 0.1
             for s, W in enumerate(self.decoder_params()):
-                W[r, :, 0] = own[s]
+                W[r, :F, 0] = own[s]
                 for t in self.targets(s, r)[1:]:
                     dec = torch.rand(F, D, generator=g) * 2 - 1
-                    W[r, :, t - s] = dec / dec.norm(dim=-1, keepdim=True) * 0.1
+                    W[r, :F, t - s] = dec / dec.norm(dim=-1, keepdim=True) * 0.1
         self.b_enc.zero_()
         self.b_dec.zero_()
         if self.W_skip is not None:
@@ -438,7 +495,8 @@ class Transcoder(nn.Module):
         """Pre-activations z for inputs shared by all runs ([B,L,D]) or per run ([R,B,L,D])."""
         if self._sparse_encodes(x_BLD):  # the same z; a backward that skips zero gradients
             return sparse_encode(x_BLD, self.W_enc, self.b_enc)
-        return self._per_layer(x_BLD, self.W_enc) + self.b_enc[:, None]
+        z = self._per_layer(x_BLD, self.W_enc)
+        return z + (per_sample(self.b_enc, z.shape[1]) if self.exact else self.b_enc[:, None])
 
     def _sparse_encodes(self, x_BLD: torch.Tensor) -> bool:
         """Does this input take ``sparse_encode``? Wide sparse transcoders in float32 (its
@@ -715,8 +773,10 @@ class Transcoder(nn.Module):
 
     # ---- ensembles --------------------------------------------------------------------
     def _fitted(self, state: dict) -> dict:
-        """``state`` with per-source decoders cut or padded to this transcoder's slots, and a
-        JumpReLU threshold (at its initial value, never read) for runs that have none."""
+        """``state`` with per-source decoders cut or padded to this transcoder's slots and
+        its width (features past a run's own width are zeros), and a JumpReLU threshold (at
+        its initial value, never read) for runs that have none."""
+        state = _fit_features(state, self.cfg.n_features)
         for s, T in enumerate(self.n_targets):
             state[f"W_dec_{s}"] = fit_targets(state[f"W_dec_{s}"], T)
         if self.log_threshold is not None and "log_threshold" not in state:

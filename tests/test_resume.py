@@ -27,10 +27,12 @@ from clt_eval.training.config import RunSpec, TrainConfig
 
 EVERY = 5  # steps between checkpoints in these tests
 STEPS = 24
-# Two ensembles (the width differs): 2 runs, then 1; minibatches, so the batch order matters.
+# Two ensembles (the width and the pre-activation loss differ; width alone would pad the
+# three into one): 2 runs, then 1; minibatches, so the batch order matters.
 SPECS = [RunSpec(arch="plt", penalty="tanh", sparsity_coef=0.3, seed=0, n_features=4),
          RunSpec(arch="clt", penalty="tanh", sparsity_coef=0.3, seed=1, n_features=4),
-         RunSpec(arch="clt", penalty="tanh", sparsity_coef=0.1, seed=2, n_features=6)]
+         RunSpec(arch="clt", penalty="tanh", sparsity_coef=0.1, seed=2, n_features=6,
+                 preact_coef=1e-3)]
 CFG = TrainConfig(steps=STEPS, batch_size=8, log_every=0, lr=0.02, device="cpu")
 
 

@@ -7,6 +7,8 @@ and a test on them would pass even with the batched kernels; with these it does 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -309,3 +311,54 @@ def test_absent_slots_stay_zero_in_training_and_written_ones_are_masked(archs):
         tc.W_dec_0[plt[-1], :, 1:] = 7.0
     assert not tc._absent_zero(0)
     assert torch.equal(tc.write(acts), clean)
+
+
+@pytest.mark.parametrize("batch_size", [0, 5])
+def test_relu_runs_of_several_widths_padded_into_one_ensemble_keep_their_alone_bits(
+        data, batch_size):
+    """``Transcoder.ragged``: each run stores the widest run's features; its extra ones stay
+    exact zeros, and every run's weights, loss, penalty and L0 are its alone ones."""
+    from clt_eval.transcoder import padding_is_exact
+
+    widths = [5, 2, 8, 3, 5]
+    specs = [dataclasses.replace(s, n_features=w)
+             for s, w in zip(ENSEMBLES["relu"], widths, strict=True)]
+    assert padding_is_exact(L, D, max(widths), B, "cpu", torch.float32)
+    steps = 120 if batch_size == 0 else 60
+    ens, final = _fit(specs, data, steps, batch_size)
+    assert ens.ragged and ens.cfg.n_features == 8
+    for i, w in enumerate(widths):
+        assert not ens.W_enc.detach()[i, ..., w:].any()
+        assert not ens.b_enc.detach()[i, ..., w:].any()
+        assert not any(W.detach()[i, w:].any() for W in ens.decoder_params())
+        alone, final_alone = _fit([specs[i]], data, steps, batch_size)
+        assert ens.select([i]).cfg.n_features == w
+        _assert_same_run(ens, i, alone)
+        for key in ("loss", "mse", "sparsity", "l0"):
+            assert torch.equal(final[key][i], final_alone[key][0]), (i, key)
+
+
+def test_a_padded_ensemble_trains_and_evaluates_each_run_as_its_width_alone():
+    """End to end on the Boolean toy: ``train_group`` on runs of two widths (one padded
+    ensemble) gives every run the record and weights of its width's ensemble alone."""
+    import json
+
+    from clt_eval.case_study import load_case_study
+    from clt_eval.training.experiment import case_data, train_group
+
+    case = load_case_study("boolean_two_step")
+    model = case.model()
+    data = case_data(case, model)
+    specs = [RunSpec(arch=a, penalty=p, n_features=w, seed=i, sparsity_coef=0.1)
+             for i, (a, p, w) in enumerate([("plt", "tanh", 3), ("clt", "l1", 6),
+                                            ("clt", "tanh", 3), ("plt", "l1", 6)])]
+    cfg = TrainConfig(steps=40, device="cpu", log_every=0)
+    together = train_group(case, model, specs, cfg, data)
+    assert together.transcoder.ragged
+    for width in (3, 6):
+        rows = [i for i, s in enumerate(specs) if s.n_features == width]
+        apart = train_group(case, model, [specs[i] for i in rows], cfg, data)
+        for j, i in enumerate(rows):
+            assert (json.dumps(together.records[i], sort_keys=True)
+                    == json.dumps(apart.records[j], sort_keys=True))
+            _assert_same_run(together.transcoder, i, apart.transcoder, j)

@@ -73,6 +73,25 @@ def test_runs_with_different_penalties_share_an_ensemble_by_activation():
     assert sorted(len(g) for g in groups) == [1, 1, 2]
 
 
+def test_small_relu_ensembles_of_several_widths_are_padded_into_one_where_allowed():
+    from clt_eval.training.experiment import PAD_BELOW
+
+    def runs(width, n, **kw):
+        return [RunSpec(penalty="tanh", n_features=width, seed=i, **kw) for i in range(n)]
+
+    specs = (runs(2, 3) + runs(8, 4) + runs(4, PAD_BELOW)  # too big to pad: stays apart
+             + runs(3, 2, preact_coef=0.1)  # another ensemble key: padded on its own
+             + [RunSpec(penalty="topk", decoder_norm="none", k=1, n_features=5)])
+    assert sorted(map(len, group_specs(specs))) == [1, 2, 3, 4, PAD_BELOW]
+    groups = group_specs(specs, mix_activations=True, pad=lambda width: width <= 8)
+    widths = sorted(sorted({s.n_features for s in g}) for g in groups)
+    assert widths == [[2, 8], [3], [4], [5]]  # TopK's key mixes, but only ReLU runs pad
+    # Widths the caller does not allow stay apart.
+    groups = group_specs(specs, pad=lambda width: width <= 4)
+    assert sorted(sorted({s.n_features for s in g}) for g in groups) == [[2], [3], [4], [5],
+                                                                          [8]]
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     ({"penalty": "l1", "activation": "topk", "k": 1}, "activation='topk'"),
     ({"penalty": "l0", "decoder_norm": "concatenated"}, "decoder_norm='concatenated'"),

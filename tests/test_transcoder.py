@@ -193,10 +193,14 @@ def test_batchtopk_train_and_eval(mode):
 
 
 # ---- ensembles ----------------------------------------------------------------------------
-def test_ensemble_configs_may_differ_only_in_arch_and_k():
+def test_ensemble_configs_may_differ_only_in_arch_activation_k_and_relu_width():
     Transcoder([_cfg(arch="plt"), _cfg(arch="clt")])
+    assert Transcoder([_cfg(), _cfg(n_features=F + 1)]).ragged
     with pytest.raises(CltEvalError, match="run 1"):
-        Transcoder([_cfg(), _cfg(n_features=F + 1)])
+        Transcoder([_cfg(), _cfg(d_model=D + 1)])
+    with pytest.raises(CltEvalError, match=r"different widths \(\[4, 5\] features\).*"
+                       r"\['topk'\]"):
+        Transcoder([_cfg(), _cfg(n_features=F + 1, activation="topk", k=2)])
 
 
 def test_select_stack_round_trip():

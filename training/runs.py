@@ -75,7 +75,9 @@ def evaluate_dir(run_dir: Path) -> dict[str, dict]:
         if not isinstance(name, str):
             raise CltEvalError(f"{d}/config.json: field 'extra.case_study' is {name!r}; expected "
                                "the name of the case study the transcoder was trained on")
-        groups[(name, json.dumps(shared_fields(tc.cfg), sort_keys=True))].append((d, tc))
+        # One width an ensemble: evaluation reads every stored feature.
+        shape = shared_fields(tc.cfg) | {"n_features": tc.cfg.n_features}
+        groups[(name, json.dumps(shape, sort_keys=True))].append((d, tc))
     # Unknown names, broken plugins and shapes that do not fit their case study fail here,
     # before anything is written.
     cases = {name: load_case_study(name, validate=True) for name, _ in groups}

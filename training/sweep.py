@@ -22,6 +22,7 @@ from pathlib import Path
 
 from clt_eval.atomic import nan_to_none, write_json_atomic, write_text_atomic
 from clt_eval.case_study import load_case_study
+from clt_eval.device import resolve_device
 from clt_eval.errors import CltEvalError, require
 from clt_eval.training.checkpoint import Checkpoint, is_main, stop_gracefully
 from clt_eval.training.config import RunSpec, TrainConfig
@@ -35,6 +36,7 @@ from clt_eval.training.experiment import (
 )
 from clt_eval.training.sweep_spec import SweepSpec
 from clt_eval.training.wandb_logger import WandbLogger
+from clt_eval.transcoder import padding_is_exact
 
 CHECKPOINT_EVERY = 250
 MAX_ENSEMBLE = 1024  # runs per ensemble: big enough to amortise a step, small enough to
@@ -181,12 +183,21 @@ class Runner:
             self.store.add(twins)
         return [self.store.get(s) for s in specs]
 
-    @staticmethod
-    def _chunks(pending: list[RunSpec]) -> list[list[RunSpec]]:
+    def _chunks(self, pending: list[RunSpec]) -> list[list[RunSpec]]:
         """Ensembles of at most MAX_ENSEMBLE runs, in a deterministic order, so a resumed
-        sweep rebuilds the interrupted ensemble exactly and finds its checkpoint."""
+        sweep rebuilds the interrupted ensemble exactly and finds its checkpoint. Small
+        ensembles of several widths train as one where padding keeps every run's numbers
+        (``group_specs``)."""
+        x, train = self.data[0], self.spec.train
+        batch = train.batch_size or x.shape[0]
+        device = resolve_device(train.device, "device")
+
+        def pad(width: int) -> bool:
+            return train.dtype == "float32" and padding_is_exact(
+                self.case.n_layers, self.case.d_model, width, batch, device, x.dtype)
+
         out = []
-        for group in group_specs(pending, mix_activations=True):
+        for group in group_specs(pending, mix_activations=True, pad=pad):
             out += [group[i:i + MAX_ENSEMBLE] for i in range(0, len(group), MAX_ENSEMBLE)]
         return out
 

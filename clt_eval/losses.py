@@ -12,6 +12,7 @@ Targets are ``[B,L,D]`` (one batch for every run) or ``[R,B,L,D]`` (each run its
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -19,13 +20,7 @@ import torch
 
 from clt_eval import activations as act
 from clt_eval.config import NORMED_PENALTIES, LossConfig
-from clt_eval.transcoder import (
-    Transcoder,
-    TranscoderOutput,
-    per_sample,
-    row_sum,
-    run_matmul,
-)
+from clt_eval.transcoder import Transcoder, TranscoderOutput, row_sum
 
 
 def row_mean(t_MX: torch.Tensor) -> torch.Tensor:
@@ -54,10 +49,9 @@ def feature_norms(block_norms_RSTF: torch.Tensor, decoder_norm: str) -> torch.Te
 
 def weighted_acts(acts_RBLF: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """a_i · ‖W_dec,i‖ per sample: [R,B,S,F], or [R,B,S,T,F] for per-block norms."""
-    norms_B = per_sample(norms, acts_RBLF.shape[1])  # its gradient: the batch summed in order
     if norms.dim() == 4:  # per_block: one term per (feature, target layer)
-        return acts_RBLF[:, :, :, None, :] * norms_B
-    return acts_RBLF * norms_B
+        return acts_RBLF[:, :, :, None, :] * norms[:, None]
+    return acts_RBLF * norms[:, None]
 
 
 def penalty_terms(acts_RBLF, norms, penalty: str, tanh_scale: float) -> torch.Tensor:
@@ -77,14 +71,9 @@ def summed_terms(w: torch.Tensor, penalty: str, tanh_scale: float) -> torch.Tens
 
 
 def per_sample_sum(terms: torch.Tensor) -> torch.Tensor:
-    """[R,B]: the sum of each sample's terms ([R,B,...]), in an order independent of R: a
-    product with ones (``run_matmul``), which on the toys' sizes sums each sample's terms
-    in order, so that exact zeros among them (a padded run's extra features,
-    ``Transcoder.ragged``) leave the sum as it is, where a vectorised sum's order depends on
-    the count."""
+    """[R,B]: the sum of each sample's terms ([R,B,...]), in an order independent of R."""
     R, B = terms.shape[:2]
-    flat = terms.reshape(R, B, -1)
-    return run_matmul(flat, flat.new_ones(1, flat.shape[2], 1)).view(R, B)
+    return row_sum(terms.reshape(R * B, -1)).view(R, B)
 
 
 def per_run(cfgs: LossConfig | list[LossConfig], R: int) -> list[LossConfig]:
@@ -118,12 +107,20 @@ class LossPlan:
     segments: tuple = ()
     tanh_R: torch.Tensor | None = None  # [R] bool: tanh penalty?
     scale_R: torch.Tensor | None = None  # [R] tanh's c (1 for the other runs), float64
+    # A ragged ensemble's stretches of runs of one width, [(width, start, stop, plan)], each
+    # with the plan of its own runs: their penalties are computed cut to their width.
+    by_width: tuple = ()
 
     @classmethod
-    def build(cls, cfgs, R: int) -> LossPlan:
+    def build(cls, cfgs, R: int, widths: list[int] | None = None) -> LossPlan:
+        """``widths``: each run's width, when runs of several widths share the ensemble."""
         if isinstance(cfgs, LossPlan):
             return cfgs
         cfgs = per_run(cfgs, R)
+        by_width = ()
+        if widths is not None and len(set(widths)) > 1:
+            by_width = tuple((w, start, stop, cls.build(cfgs[start:stop], stop - start))
+                             for w, start, stop in act.segments(list(widths)))
         runs: dict[tuple, list[int]] = defaultdict(list)
         for r, c in enumerate(cfgs):
             runs[(c.penalty, c.decoder_norm, c.tanh_scale)].append(r)
@@ -142,7 +139,16 @@ class LossPlan:
                    any(k[0] in NORMED_PENALTIES for k in runs) or bool((cross > 0).any()),
                    segs, torch.tensor([c.penalty == "tanh" for c in cfgs]),
                    torch.tensor([c.tanh_scale if c.penalty == "tanh" else 1.0
-                                 for c in cfgs], dtype=torch.float64))
+                                 for c in cfgs], dtype=torch.float64), by_width)
+
+    def to(self, device: torch.device) -> LossPlan:
+        """The plan with its per-run tensors on ``device`` (it is built on the CPU)."""
+        return dataclasses.replace(
+            self, groups={k: v.to(device) for k, v in self.groups.items()},
+            concat_R=self.concat_R.to(device), cross_R=self.cross_R.to(device),
+            preact_R=self.preact_R.to(device), auxk_R=self.auxk_R.to(device),
+            tanh_R=self.tanh_R.to(device), scale_R=self.scale_R.to(device),
+            by_width=tuple((w, a, b, p.to(device)) for w, a, b, p in self.by_width))
 
 
 def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
@@ -280,7 +286,7 @@ def cross_layer_mass(tc: Transcoder, acts_RBLF: torch.Tensor,
     S = norms_RSTF.shape[1]
     off = torch.ones(S, S, dtype=torch.bool, device=norms_RSTF.device).triu(1)
     cross_RSF = (norms_RSTF * off[None, :, :, None]).sum(2)
-    return per_sample_sum(acts_RBLF * per_sample(cross_RSF, acts_RBLF.shape[1]))
+    return per_sample_sum(acts_RBLF * cross_RSF[:, None])
 
 
 def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF,
@@ -309,6 +315,39 @@ def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF,
     return value.new_zeros(R).index_put((idx,), value)
 
 
+def _penalties(tc, out, plan: LossPlan, coef_R, block_norms):
+    """([R] sparsity penalty, [R] pre-activation and cross-layer terms or None)."""
+    B = out.pre_RBLF.shape[1]
+    sparsity = sparsity_penalty(tc, out, plan, block_norms)
+    extra = None
+    if bool((plan.preact_R > 0).any()):
+        extra = plan.preact_R * row_sum((-out.pre_RBLF).relu()) / B
+    if bool((plan.cross_R > 0).any()):
+        cross = coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
+                                                                  block_norms))
+        extra = cross if extra is None else extra + cross
+    return sparsity, extra
+
+
+def _by_width(tc, out, plan: LossPlan, coef_R, block_norms):
+    """``_penalties`` of a ragged ensemble, stretch by stretch of one width, on copies cut to
+    that width: the same ops on the same shapes as each run alone (a sum over the padded
+    features, or over the batch of a tensor with them, would round differently)."""
+    sparsity, extra = [], []
+    for width, start, stop, sub in plan.by_width:
+        rows = slice(start, stop)
+        part = TranscoderOutput(_cut(out.pre_RBLF, rows, width), _cut(out.acts_RBLF, rows, width),
+                                out.recon_RBLD[rows])
+        s, e = _penalties(tc, part, sub, coef_R[rows], _cut(block_norms, rows, width))
+        sparsity.append(s)
+        extra.append(torch.zeros_like(s) if e is None else e)
+    return torch.cat(sparsity), torch.cat(extra)
+
+
+def _cut(t: torch.Tensor | None, rows: slice, width: int) -> torch.Tensor | None:
+    return None if t is None else t[rows, ..., :width].contiguous()
+
+
 @dataclass
 class LossParts:
     total_R: torch.Tensor
@@ -323,16 +362,16 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
     ``coef_R`` is each run's current λ (after warm-up).
     """
     B, R = target_BLD.shape[-3], out.pre_RBLF.shape[0]
-    plan = LossPlan.build(cfgs, R)
+    plan = LossPlan.build(cfgs, R, [c.n_features for c in tc.cfgs] if tc.ragged else None)
     mse = row_sum((out.recon_RBLD - with_run_axis(target_BLD)).pow(2)) / B
     block_norms = tc.decoder_block_norms() if plan.normed else None  # once per step
-    sparsity = sparsity_penalty(tc, out, plan, block_norms)
+    if plan.by_width:
+        sparsity, extra = _by_width(tc, out, plan, coef_R, block_norms)
+    else:
+        sparsity, extra = _penalties(tc, out, plan, coef_R, block_norms)
     total = mse + coef_R * sparsity
-    if bool((plan.preact_R > 0).any()):
-        total = total + plan.preact_R * row_sum(per_sample_sum((-out.pre_RBLF).relu())) / B
-    if bool((plan.cross_R > 0).any()):
-        total = total + coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
-                                                                          block_norms))
+    if extra is not None:
+        total = total + extra
     if bool((plan.auxk_R > 0).any()) and dead_RLF is not None:
         # Only for the runs that have AuxK (other activations in a mixed ensemble add an
         # exact 0: their loss and gradients stay what they are alone).

@@ -235,14 +235,24 @@ def shared_fields(cfg: TranscoderConfig) -> dict:
     return d
 
 
-def per_sample(t_RX: torch.Tensor, B: int) -> torch.Tensor:
-    """[R,B,*X]: ``t`` for each of B samples, the same values as a broadcast, as ones times t
-    (``run_matmul``), so that t's gradient sums the batch in order. A broadcast's backward
-    sums it in an order that depends on the size of X (measured: a bias of 2 against 8
-    features, 3 layers), which a padded run (``Transcoder.ragged``) would notice."""
-    R = t_RX.shape[0]
-    ones = t_RX.new_ones(1, B, 1)
-    return run_matmul(ones, t_RX.reshape(R, 1, -1)).view(R, B, *t_RX.shape[1:])
+class _AddBiasByWidth(torch.autograd.Function):
+    """z + b for a ragged ensemble, [R,B,L,F]. The same values as a broadcast add; b's
+    gradient is the batch sum of each width's stretch of runs cut to its width, so each run's
+    sum has the order it has alone (a broadcast add's backward sums the padded tensor, in an
+    order that depends on the number of features: measured, 2 against 8 features)."""
+
+    @staticmethod
+    def forward(ctx, z_RBLF, b_RLF, segments):
+        ctx.segments = segments
+        return z_RBLF + b_RLF[:, None]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_RBLF):
+        g_b = g_RBLF.new_zeros(g_RBLF.shape[0], *g_RBLF.shape[2:])
+        for width, start, stop in ctx.segments:
+            g_b[start:stop, :, :width] = g_RBLF[start:stop, ..., :width].contiguous().sum(1)
+        return g_RBLF, g_b, None
 
 
 def padding_is_exact(n_layers: int, d_model: int, width: int, batch: int,
@@ -338,6 +348,8 @@ class Transcoder(nn.Module):
             require(not other, f"runs of different widths ({sorted(set(widths))} features) "
                     f"share an ensemble only with the relu activation; got {other}")
         self._cfg = dataclasses.replace(cfgs[0], n_features=max(widths))
+        # [(width, start, stop)]: the stretches of runs of one width, in order.
+        self._width_segments = act.segments(widths)
         cfg = self._cfg
         R, L, F, D = len(cfgs), cfg.n_layers, cfg.n_features, cfg.d_model
         self.W_enc = nn.Parameter(torch.empty(R, L, D, F))
@@ -496,7 +508,9 @@ class Transcoder(nn.Module):
         if self._sparse_encodes(x_BLD):  # the same z; a backward that skips zero gradients
             return sparse_encode(x_BLD, self.W_enc, self.b_enc)
         z = self._per_layer(x_BLD, self.W_enc)
-        return z + (per_sample(self.b_enc, z.shape[1]) if self.exact else self.b_enc[:, None])
+        if self.ragged and self.exact:
+            return _AddBiasByWidth.apply(z, self.b_enc, self._width_segments)
+        return z + self.b_enc[:, None]
 
     def _sparse_encodes(self, x_BLD: torch.Tensor) -> bool:
         """Does this input take ``sparse_encode``? Wide sparse transcoders in float32 (its

@@ -100,13 +100,14 @@ def group_specs(specs: list[RunSpec], mix_activations: bool = False,
 
 
 def layout_key(spec: RunSpec) -> tuple:
-    """Where a run sits in its ensemble: PLTs then CLTs, by activation, k and penalty inside
-    each, penalties that weigh each feature by one norm (l1 and tanh with concatenated or
-    summed norms, ``losses.family``) side by side. A run's numbers do not depend on its
-    place, but the step's cost does: runs that decode, activate, select and are penalised
-    alike then lie side by side, and each kind is computed on a view of its rows instead of
-    a gathered copy (measured: docs/concepts.md §8.6)."""
-    return (spec.arch != "plt", spec.resolved_activation, spec.k or 0,
+    """Where a run sits in its ensemble: by width (a padded ensemble's penalties are
+    computed width by width, ``losses._by_width``), then PLTs then CLTs, by activation, k
+    and penalty inside each, penalties that weigh each feature by one norm (l1 and tanh
+    with concatenated or summed norms, ``losses.family``) side by side. A run's numbers do
+    not depend on its place, but the step's cost does: runs that decode, activate, select
+    and are penalised alike then lie side by side, and each kind is computed on a view of
+    its rows instead of a gathered copy (measured: docs/concepts.md §8.6)."""
+    return (spec.n_features, spec.arch != "plt", spec.resolved_activation, spec.k or 0,
             family(spec.penalty, spec.decoder_norm), spec.penalty, spec.decoder_norm,
             spec.tanh_scale)
 

@@ -15,7 +15,6 @@ backward pass (``training.distributed.sync_grads``) and only rank 0 writes check
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -85,7 +84,8 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     # In bfloat16 no run is bit-exact anyway, and autocast leaves the exact kernels' elementwise
     # products in float32: the batched kernels are the ones it speeds up.
     exact = exact and cfg.dtype == "float32"
-    loss_cfg = _plan_on(LossPlan.build(loss_cfg, tc.n_runs), device)
+    widths = [c.n_features for c in tc.cfgs] if tc.ragged else None
+    loss_cfg = LossPlan.build(loss_cfg, tc.n_runs, widths).to(device)
     home = tc.W_enc.device  # the caller gets the transcoder back where it gave it
     tc.to(device)
     coefs_R = coefs_R.to(device)
@@ -182,16 +182,6 @@ def _step(s: _Step, batch, since_fired, step):
     opt.step()
     s.guard.hold()
     return parts, out
-
-
-def _plan_on(plan: LossPlan, device: torch.device) -> LossPlan:
-    """The loss plan with its per-run tensors on ``device`` (built on the CPU)."""
-    return dataclasses.replace(
-        plan, groups={k: v.to(device) for k, v in plan.groups.items()},
-        concat_R=plan.concat_R.to(device),
-        cross_R=plan.cross_R.to(device), preact_R=plan.preact_R.to(device),
-        auxk_R=plan.auxk_R.to(device), tanh_R=plan.tanh_R.to(device),
-        scale_R=plan.scale_R.to(device))
 
 
 def _resolve_device(name: str) -> torch.device:

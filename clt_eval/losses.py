@@ -315,33 +315,33 @@ def auxk_loss(tc: Transcoder, out: TranscoderOutput, target_BLD, dead_RLF,
     return value.new_zeros(R).index_put((idx,), value)
 
 
-def _penalties(tc, out, plan: LossPlan, coef_R, block_norms):
-    """([R] sparsity penalty, [R] pre-activation and cross-layer terms or None)."""
+def _penalties(tc, out, plan: LossPlan, coef_R, block_norms) -> list:
+    """[[R] sparsity penalty, [R] pre-activation term or None, [R] cross-layer term or
+    None]: what the loss adds to the reconstruction, in the order it adds them."""
     B = out.pre_RBLF.shape[1]
-    sparsity = sparsity_penalty(tc, out, plan, block_norms)
-    extra = None
+    terms = [sparsity_penalty(tc, out, plan, block_norms), None, None]
     if bool((plan.preact_R > 0).any()):
-        extra = plan.preact_R * row_sum((-out.pre_RBLF).relu()) / B
+        terms[1] = plan.preact_R * row_sum((-out.pre_RBLF).relu()) / B
     if bool((plan.cross_R > 0).any()):
-        cross = coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
-                                                                  block_norms))
-        extra = cross if extra is None else extra + cross
-    return sparsity, extra
+        terms[2] = coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
+                                                                     block_norms))
+    return terms
 
 
-def _by_width(tc, out, plan: LossPlan, coef_R, block_norms):
+def _by_width(tc, out, plan: LossPlan, coef_R, block_norms) -> list:
     """``_penalties`` of a ragged ensemble, stretch by stretch of one width, on copies cut to
     that width: the same ops on the same shapes as each run alone (a sum over the padded
-    features, or over the batch of a tensor with them, would round differently)."""
-    sparsity, extra = [], []
+    features, or over the batch of a tensor with them, would round differently). A term
+    some stretches lack is an exact 0 for their runs, which adds nothing."""
+    parts = []
     for width, start, stop, sub in plan.by_width:
         rows = slice(start, stop)
         part = TranscoderOutput(_cut(out.pre_RBLF, rows, width), _cut(out.acts_RBLF, rows, width),
                                 out.recon_RBLD[rows])
-        s, e = _penalties(tc, part, sub, coef_R[rows], _cut(block_norms, rows, width))
-        sparsity.append(s)
-        extra.append(torch.zeros_like(s) if e is None else e)
-    return torch.cat(sparsity), torch.cat(extra)
+        parts.append(_penalties(tc, part, sub, coef_R[rows], _cut(block_norms, rows, width)))
+    return [None if all(p[i] is None for p in parts) else
+            torch.cat([torch.zeros_like(p[0]) if p[i] is None else p[i] for p in parts])
+            for i in range(3)]
 
 
 def _cut(t: torch.Tensor | None, rows: slice, width: int) -> torch.Tensor | None:
@@ -365,13 +365,12 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
     plan = LossPlan.build(cfgs, R, [c.n_features for c in tc.cfgs] if tc.ragged else None)
     mse = row_sum((out.recon_RBLD - with_run_axis(target_BLD)).pow(2)) / B
     block_norms = tc.decoder_block_norms() if plan.normed else None  # once per step
-    if plan.by_width:
-        sparsity, extra = _by_width(tc, out, plan, coef_R, block_norms)
-    else:
-        sparsity, extra = _penalties(tc, out, plan, coef_R, block_norms)
+    terms = (_by_width if plan.by_width else _penalties)(tc, out, plan, coef_R, block_norms)
+    sparsity = terms[0]
     total = mse + coef_R * sparsity
-    if extra is not None:
-        total = total + extra
+    for term in terms[1:]:  # pre-activation, cross-layer
+        if term is not None:
+            total = total + term
     if bool((plan.auxk_R > 0).any()) and dead_RLF is not None:
         # Only for the runs that have AuxK (other activations in a mixed ensemble add an
         # exact 0: their loss and gradients stay what they are alone).

@@ -317,9 +317,11 @@ class Transcoder(nn.Module):
     run's F features, its own first. A run's extra features start with zero weights, so
     their pre-activations are exact zeros, ReLU keeps them at zero and passes them no
     gradient, and their decoder rows are multiplied only by zero activations: they stay
-    zero. Every sum over features adds them as exact zeros to an in-order sum, which they
-    leave as it is (``small_matmul``'s products, ``losses.per_sample_sum``), so a run's
-    numbers are its alone ones. ``select`` cuts a run back to its width."""
+    zero. A run keeps its alone numbers where every product adds its terms in order
+    (``small_matmul``; ``padding_is_exact``), since an exact zero leaves such a sum as it
+    is; the sums whose order depends on the count are taken width by width (the encoder
+    bias's gradient here, the penalties in ``losses``). ``select`` cuts a run back to its
+    width."""
 
     # Run-independent products (``run_matmul``); False: BLAS's batched kernels, faster for
     # large ensembles of small transcoders, but a run's numbers then depend on its ensemble.

@@ -75,8 +75,8 @@ def record(spec: RunSpec, metrics: dict) -> dict:
 # Ensembles of fewer runs than this that differ only in width train as one, padded to the
 # widest (``Transcoder.ragged``), where the caller allows it (``group_specs``'s ``pad``):
 # below it a step's fixed cost outweighs the padding's work. Measured on the default sweep's
-# width block (widths 2-32, 30 runs each, 1 thread): 35.4-40.9 ms a step for the seven
-# ensembles apart against 19.3-20.9 ms for one padded to 32.
+# width block (widths 2-32, 30 runs each, 1 thread, 300 steps side by side): 35.8-46.7 ms a
+# step for the seven ensembles apart against 24.6-27.4 ms for one padded to 32.
 PAD_BELOW = 64
 
 

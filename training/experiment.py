@@ -73,10 +73,12 @@ def record(spec: RunSpec, metrics: dict) -> dict:
 
 
 # Ensembles of fewer runs than this that differ only in width train as one, padded to the
-# widest (``Transcoder.ragged``), where the caller allows it (``group_specs``'s ``pad``):
-# below it a step's fixed cost outweighs the padding's work. Measured on the default sweep's
-# width block (widths 2-32, 30 runs each, 1 thread, 300 steps side by side): 35.8-46.7 ms a
-# step for the seven ensembles apart against 24.6-27.4 ms for one padded to 32.
+# widest (``Transcoder.ragged``), where the caller allows it (``group_specs``'s ``pad``). A
+# chosen bound, not a measured crossover: small ensembles pay mostly a step's fixed cost,
+# which padding shares, while large ones would pay the padding's work on many runs. Measured
+# on the default sweep's width block (widths 2-32, 30 runs each, 1 thread, 300 steps side by
+# side): 35.8-46.7 ms a step for the seven ensembles apart against 24.6-27.4 ms for one
+# padded to 32.
 PAD_BELOW = 64
 
 

@@ -62,6 +62,11 @@ def evaluate(case, tc, model=None, graph: bool = True) -> list[dict]:
     ``tc.exact`` is False.
     """
     check_fits_case(tc.cfg, case)
+    # A padded ensemble's metrics would count each run's padding as features of its own.
+    require(not getattr(tc, "ragged", False),
+            f"evaluate: the transcoder holds runs of several widths "
+            f"({sorted({c.n_features for c in tc.cfgs})} features); expected one width: "
+            "evaluate each width apart (tc.select(runs))")
     tc.eval()
     model = model if model is not None else case.model()
     inputs = case.inputs()

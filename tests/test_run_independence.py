@@ -362,3 +362,17 @@ def test_a_padded_ensemble_trains_and_evaluates_each_run_as_its_width_alone():
             assert (json.dumps(together.records[i], sort_keys=True)
                     == json.dumps(apart.records[j], sort_keys=True))
             _assert_same_run(together.transcoder, i, apart.transcoder, j)
+
+
+def test_evaluating_a_padded_ensemble_whole_is_refused_with_a_clear_error():
+    from clt_eval.case_study import load_case_study
+    from clt_eval.errors import CltEvalError
+    from clt_eval.evaluate import evaluate
+
+    case = load_case_study("boolean_two_step")
+    tc = Transcoder([RunSpec(n_features=w, seed=i).transcoder_config(case.d_model,
+                                                                     case.n_layers)
+                     for i, w in enumerate((3, 6))])
+    with pytest.raises(CltEvalError, match=r"several widths \(\[3, 6\] features\)"):
+        evaluate(case, tc)
+    assert len(evaluate(case, tc.select([1]))) == 1

@@ -211,7 +211,9 @@ def _cli(args: list[str]) -> None:
     assert main(args) == 0
 
 
+# JumpReLU: the two widths train as two ensembles (ReLU runs would be padded into one).
 TRAIN_ARGS = ["train", "--arch", "plt", "clt", "--penalty", "tanh", "--sparsity-coef", "0.3",
+              "--activation", "jumprelu",
               "--seed", "0", "1", "--n-features", "4", "6", "--steps", "60", "--batch-size", "8",
               "--lr", "0.02", "--log-every", "0", "--device", "cpu", "--threads", "1",
               "--wandb-mode", "disabled"]

@@ -266,20 +266,21 @@ def padding_is_exact(n_layers: int, d_model: int, width: int, batch: int,
             and batch * width * n_layers * max(d_model, 1) < LOOP_MIN_MACS)
 
 
+def _fit_axis(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """``t`` with ``axis`` cut to its first ``n`` entries, or zero-padded to ``n``."""
+    if t.shape[axis] >= n:
+        return t.narrow(axis, 0, n)
+    pad = [0, 0] * (t.dim() - 1 - axis % t.dim()) + [0, n - t.shape[axis]]
+    return nn.functional.pad(t, pad)
+
+
 def _fit_features(state: dict, F: int) -> dict:
     """``state`` with every feature axis cut or zero-padded to ``F`` features."""
-    def fit(t: torch.Tensor, axis: int) -> torch.Tensor:
-        n = t.shape[axis]
-        if n >= F:
-            return t.narrow(axis, 0, F)
-        pad = [0, 0] * (t.dim() - 1 - axis % t.dim()) + [0, F - n]
-        return nn.functional.pad(t, pad)
-
     for name in ("W_enc", "b_enc", "log_threshold"):
         if name in state:
-            state[name] = fit(state[name], -1)
+            state[name] = _fit_axis(state[name], -1, F)
     for name in [k for k in state if k.startswith("W_dec_")]:
-        state[name] = fit(state[name], 1)
+        state[name] = _fit_axis(state[name], 1, F)
     return state
 
 
@@ -298,10 +299,7 @@ def _zero_absent_grads(plt_rows: slice | list[int], W: torch.Tensor) -> None:
 def fit_targets(W_RFTD: torch.Tensor, n_targets: int) -> torch.Tensor:
     """A per-source decoder with ``n_targets`` target slots: extra slots (absent blocks of a
     PLT run) dropped, missing ones added as zeros."""
-    T = W_RFTD.shape[2]
-    if T >= n_targets:
-        return W_RFTD[:, :, :n_targets]
-    return nn.functional.pad(W_RFTD, (0, 0, 0, n_targets - T))
+    return _fit_axis(W_RFTD, 2, n_targets)
 
 
 class Transcoder(nn.Module):

@@ -39,6 +39,7 @@ from clt_eval.config import LossConfig, TranscoderConfig
 from clt_eval.device import keep_freed_memory, resolve_device
 from clt_eval.errors import CltEvalError
 from clt_eval.losses import training_loss
+from clt_eval.training.adam import RunwiseAdam
 from clt_eval.transcoder import Transcoder
 
 MM_SIZES = [(4096, 512, 4096), (4096, 4096, 512)]  # the step's encoder and decoder shapes
@@ -83,7 +84,7 @@ def step_flops(tc: Transcoder, B: int) -> dict:
 
 
 def make_step(tc: Transcoder, loss_cfg: LossConfig):
-    opt = torch.optim.Adam(tc.parameters(), lr=1e-4, foreach=True)  # the trainer's exact kernel
+    opt = RunwiseAdam(tc.parameters(), lr=1e-4)  # the trainer's optimiser
     coef = torch.full((tc.n_runs,), 1e-3, device=tc.W_enc.device)
 
     def step(x, y):

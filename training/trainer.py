@@ -26,6 +26,7 @@ from clt_eval.config import LossConfig
 from clt_eval.device import flushed_subnormals, keep_freed_memory
 from clt_eval.losses import LossPlan, row_mean, training_loss
 from clt_eval.training import distributed
+from clt_eval.training.adam import RunwiseAdam
 from clt_eval.training.config import TrainConfig
 from clt_eval.transcoder import Transcoder
 
@@ -65,13 +66,13 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     exactly as if it were not there.
 
     With ``exact`` (the default) every run trains bit for bit as it would alone, whatever
-    ensemble it is in. ``exact=False`` is faster for small ensembles of small transcoders
-    and no faster for large ones (on the toy's ReLU grid, one CPU thread: 7.6 vs 12.2 ms a
-    step at 30 runs, 33.5 vs 32.6 ms at 360; benchmarks/bench_ensemble.py, 300 steps) but
-    lets rounding depend on the ensemble: BLAS's batched matmuls instead of
-    ``run_matmul``, and the fused Adam kernel, which rounds an element differently
-    depending on where it lies in the flat parameter (max |Δ| 0.15 between a run in a
-    30-run ensemble and alone after 1,000 steps).
+    ensemble it is in (Adam steps through ``training.adam.RunwiseAdam``). ``exact=False``
+    is faster for small ensembles of small transcoders and no faster for large ones (on the
+    toy's ReLU grid, one CPU thread: 7.6 vs 12.2 ms a step at 30 runs, 33.5 vs 32.6 ms at
+    360; benchmarks/bench_ensemble.py, 300 steps) but lets rounding depend on the ensemble:
+    BLAS's batched matmuls instead of ``run_matmul``, and torch's fused Adam as it is, which
+    rounds an element differently depending on where it lies in the flat parameter (max
+    |Δ| 0.15 between a run in a 30-run ensemble and alone after 1,000 steps).
 
     Training runs on ``cfg.device`` (the transcoder goes there for the loop and comes back
     after it; batches already there are not copied); on the CPU the loop treats subnormal
@@ -90,7 +91,8 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     tc.to(device)
     coefs_R = coefs_R.to(device)
     kernel = {"foreach": True, "fused": None} if exact else {"foreach": None, "fused": True}
-    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, **kernel)
+    opt = (RunwiseAdam(tc.parameters(), lr=cfg.lr) if exact
+           else torch.optim.Adam(tc.parameters(), lr=cfg.lr, **kernel))
     since_fired = torch.zeros(tc.n_runs, tc.cfg.n_layers, tc.cfg.n_features, dtype=torch.long,
                               device=device)
     start = 0

@@ -7,6 +7,7 @@ vary inside an ensemble.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import defaultdict
@@ -31,6 +32,7 @@ _NAMED = ("arch", "penalty", "decoder_norm", "activation", "sparsity_coef", "k",
           "seed", "cross_layer_coef")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a sweep asks ~16,000 times for its ~2,000 runs' ids
 def run_id(spec: RunSpec) -> str:
     """A readable, unique folder name: the main fields, plus a short hash of any other field
     that differs from its default."""

@@ -1,8 +1,8 @@
 """How close does a CLT training step come to the machine's matmul rate?
 
 Measures torch.mm's rate (GFLOP/s) at representative sizes, then times a CLT training step
-(forward, loss, backward, Adam) with the real Transcoder, losses and torch.optim.Adam, as the
-trainer runs it, and prints:
+(forward, loss, backward, Adam) with the real Transcoder, losses and the trainer's Adam
+(``training.adam.RunwiseAdam``), as the trainer runs it, and prints:
 
 * step time;
 * useful FLOPs: only decoder blocks that exist, Σ_s (L−s)·F·D for the decoder and L·D·F for

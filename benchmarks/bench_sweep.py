@@ -11,7 +11,8 @@ either clock starts, so the sweep is not charged for the process's one-time star
 (importing transformer_lens, loading compiled kernels), which the runs alone, timed after
 it, never paid. The sampled runs are each timed twice, once before the sweep and once after,
 and the two averaged, so a machine whose speed drifts during the several minutes of the
-sweep biases neither side.
+sweep biases neither side. Besides wall-clock time it prints the same ratios in CPU-seconds,
+which leave out the time the process waited while other jobs held the cores.
 
     .venv/bin/python benchmarks/bench_sweep.py [--sample 12] [--spec PATH]
 """
@@ -56,16 +57,16 @@ def main() -> None:
     # Sampled from the grid, which has every kind of run the sweep trains (its matched-L0
     # runs are grid kinds at other λ, and exist only once the sweep has run).
     sample = random.Random(0).sample(spec.runs(), min(args.sample, len(spec.runs())))
-    t_before = _alone(case, model, sample, spec.train, data)
+    t_before, c_before = _alone(case, model, sample, spec.train, data)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         result = run_sweep(spec, Path(tmp), "disabled", progress=False)
-        t_sweep = time.perf_counter() - t0
+        t_sweep, c_sweep = time.perf_counter() - t0, _cpu() - c0
         saved = json.loads(result["sweep"].read_text())
         runs = [RunSpec(**r["spec"]) for r in saved["runs"]]
         unused = len(trained_ahead_unused(saved, spec))
-    t_after = _alone(case, model, sample, spec.train, data)
-    t_alone = (t_before + t_after) / 2
+    t_after, c_after = _alone(case, model, sample, spec.train, data)
+    t_alone, c_alone = (t_before + t_after) / 2, (c_before + c_after) / 2
     n = len(runs)
     print(f"default sweep: {n} runs ({len(spec.runs())} grid + {n - len(spec.runs())} "
           f"matched-L0), {spec.train.steps} steps each, 1 thread")
@@ -80,16 +81,30 @@ def main() -> None:
     # does not take: counting only the runs a plain search would train is the fairer ratio.
     print(f"speed-up over the {n - unused} runs a one-step-at-a-time search would train "
           f"({unused} trained ahead and not used): {t_alone * (n - unused) / t_sweep:.1f}x")
+    # CPU-seconds leave out the time this process waited for a core that other jobs held,
+    # which on a shared machine can slow one side and not the other.
+    print(f"per CPU-second: sweep {c_sweep:.1f} s, a run alone {c_alone * 1000:.1f} ms "
+          f"({c_before * 1000:.1f} before, {c_after * 1000:.1f} after): speed-up per run "
+          f"{c_alone / (c_sweep / n):.1f}x, over the plain search's runs "
+          f"{c_alone * (n - unused) / c_sweep:.1f}x")
 
 
-def _alone(case, model, specs, train, data) -> float:
-    """Seconds per run, each trained and evaluated alone exactly as the sweep does it."""
+def _alone(case, model, specs, train, data) -> tuple[float, float]:
+    """Wall-clock and CPU seconds per run, each trained and evaluated alone exactly as the
+    sweep does it."""
     from clt_eval.training.experiment import train_group
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     for s in specs:
         train_group(case, model, [s], train, data)
-    return (time.perf_counter() - t0) / max(1, len(specs))
+    n = max(1, len(specs))
+    return (time.perf_counter() - t0) / n, (_cpu() - c0) / n
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (any worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def trained_ahead_unused(saved: dict, spec) -> list[str]:

@@ -69,7 +69,8 @@ def train(tc: Transcoder, loss_cfg: LossConfig | list[LossConfig], coefs_R: torc
     ensemble it is in (Adam steps through ``training.adam.RunwiseAdam``). ``exact=False``
     is faster for small ensembles of small transcoders and no faster for large ones (on the
     toy's ReLU grid, one CPU thread: 7.6 vs 12.2 ms a step at 30 runs, 33.5 vs 32.6 ms at
-    360; benchmarks/bench_ensemble.py, 300 steps) but lets rounding depend on the ensemble:
+    360; benchmarks/bench_ensemble.py, 300 steps, measured while the exact path still used
+    torch's multi-tensor Adam) but lets rounding depend on the ensemble:
     BLAS's batched matmuls instead of ``run_matmul``, and torch's fused Adam as it is, which
     rounds an element differently depending on where it lies in the flat parameter (max
     |Δ| 0.15 between a run in a 30-run ensemble and alone after 1,000 steps).

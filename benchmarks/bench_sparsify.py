@@ -10,15 +10,17 @@ into the project's environment, never a project dependency), with its training l
 (``fvu``; its AuxK term is 0 with no dead latents, as here), backward and ``torch.optim.Adam``.
 Both use the same number of threads, the same random data, ``--warmup`` untimed steps and
 the median of ``--steps`` timed ones. clt-eval's trainer has glibc's malloc keep freed
-memory on the CPU (``clt_eval.device.keep_freed_memory``); sparsify does not, unless
-``--sparsify-kept-memory`` sets the same for its process. With ``--rounds N`` the two
-alternate N times and each reports its best round: other jobs on a shared machine slow one
-side at a time, and the fastest round is the one least disturbed. ``--profile`` prints
-clt-eval's step by operator (torch.profiler; it slows the step a little). The issue's
-target: clt-eval >= 1.5x faster.
+memory on the CPU (``clt_eval.device.keep_freed_memory``); sparsify as installed does not.
+By default each round times three sides one after the other: clt-eval, sparsify as
+installed, and sparsify with the same malloc setting (``--sparsify-malloc`` picks one of
+the two instead), so that both ratios come from the same state of the machine. With
+``--rounds N`` the sides alternate N times and each reports its best round: other jobs on a
+shared machine slow one side at a time, and the fastest round is the one least disturbed.
+``--profile`` prints clt-eval's step by operator (torch.profiler; it slows the step a
+little). The target: clt-eval >= 1.5x as fast.
 
     .venv/bin/python benchmarks/bench_sparsify.py [--threads 2] [--steps 3] [--rounds 3]
-        [--device cpu|cuda] [--sparsify-python PYTHON]
+        [--device cpu|cuda] [--sparsify-python PYTHON] [--sparsify-malloc both]
 
 On a GPU (``--device cuda``) both sides run there, each step timed with the device
 synchronised. ``--sparsify-python`` names an interpreter that already imports ``sparsify``
@@ -89,9 +91,9 @@ def parse():
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
     p.add_argument("--sparsify-python", default=None,
                    help="an interpreter that imports sparsify (default: the benchmark's venv)")
-    p.add_argument("--sparsify-kept-memory", action="store_true",
-                   help="run sparsify with malloc keeping freed memory too, as clt-eval's "
-                        "trainer sets it (GLIBC_TUNABLES)")
+    p.add_argument("--sparsify-malloc", choices=("both", "installed", "kept"), default="both",
+                   help="sparsify as installed, with malloc keeping freed memory as "
+                        "clt-eval's trainer sets it (GLIBC_TUNABLES), or both side by side")
     return p.parse_args()
 
 
@@ -111,7 +113,7 @@ def ensure_venv() -> Path:
     return python
 
 
-def time_sparsify(args) -> tuple[list[float], str]:
+def time_sparsify(args, kept: bool) -> tuple[list[float], str]:
     # the step runs from / (away from this checkout): the interpreter's absolute path
     python = (Path(shutil.which(args.sparsify_python) or args.sparsify_python).absolute()
               if args.sparsify_python else ensure_venv())
@@ -121,7 +123,7 @@ def time_sparsify(args) -> tuple[list[float], str]:
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     if args.sparsify_python:  # its packages may come from PYTHONPATH (gpu_check.sh's wheels)
         env |= {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH", "HOME")}
-    if args.sparsify_kept_memory:  # the settings of clt_eval.device.keep_freed_memory
+    if kept:  # the settings of clt_eval.device.keep_freed_memory
         from clt_eval.device import KEPT_MEMORY_TUNABLES
 
         env["GLIBC_TUNABLES"] = KEPT_MEMORY_TUNABLES
@@ -197,18 +199,25 @@ def main() -> None:
               f"k={args.k}, {args.device}, {args.threads} threads, median of {args.steps} "
               f"steps after {args.warmup} warm-up, best of {args.rounds} round(s)")
     print(shapes, flush=True)
-    ours, theirs = [], []
+    sides = {"installed": [False], "kept": [True], "both": [False, True]}[args.sparsify_malloc]
+    ours, theirs = [], {kept: [] for kept in sides}
     for i in range(args.rounds):
         ours.append(statistics.median(time_clt_eval(args)))
-        t, version = time_sparsify(args)
-        theirs.append(statistics.median(t))
-        print(f"  round {i + 1}: clt-eval {ours[-1] * 1e3:.0f}, sparsify {theirs[-1] * 1e3:.0f} "
-              "ms/step", flush=True)
-    ours, theirs = min(ours), min(theirs)
-    print(f"clt-eval          : {ours * 1e3:8.0f} ms/step", flush=True)
-    print(f"sparsify {version:9}: {theirs * 1e3:8.0f} ms/step", flush=True)
-    print(f"sparsify / clt-eval: {theirs / ours:.2f}x  (target >= 1.5x: clt-eval faster)")
+        for kept in sides:
+            t, version = time_sparsify(args, kept)
+            theirs[kept].append(statistics.median(t))
+        rest = ", ".join(f"sparsify{LABEL[kept]} {theirs[kept][-1] * 1e3:.0f}" for kept in sides)
+        print(f"  round {i + 1}: clt-eval {ours[-1] * 1e3:.0f}, {rest} ms/step", flush=True)
+    best = min(ours)
+    print(f"clt-eval: {best * 1e3:.0f} ms/step", flush=True)
+    for kept in sides:
+        t = min(theirs[kept])
+        print(f"sparsify {version}{LABEL[kept]}: {t * 1e3:.0f} ms/step; sparsify / clt-eval: "
+              f"{t / best:.2f}x  (target >= 1.5x: clt-eval faster)", flush=True)
 
+
+# How each sparsify side is named in the output.
+LABEL = {False: " (as installed)", True: " (same malloc as clt-eval)"}
 
 if __name__ == "__main__":
     main()

@@ -48,10 +48,13 @@ run roofline_relu "$py" benchmarks/bench_clt_roofline.py --device "$device" "${r
 run roofline_topk "$py" benchmarks/bench_clt_roofline.py --device "$device" --activation topk \
     "${roof[@]}"
 if "$py" -c "import sparsify" >/dev/null 2>&1; then
+    # sparsify as installed only: its tensors live on the GPU, where the host's malloc
+    # setting makes little difference
     for shape in "8192 32" "16384 64"; do
         set -- $shape
         run "topk_${1}_$2" "$py" benchmarks/bench_sparsify.py --device "$device" \
-            --sparsify-python "$py" --features "$1" --k "$2" "${topk[@]}"
+            --sparsify-python "$py" --sparsify-malloc installed --features "$1" --k "$2" \
+            "${topk[@]}"
     done
 else
     echo "== sparsify does not import here: TopK comparison skipped (benchmarks/gpu_wheels.sh)"

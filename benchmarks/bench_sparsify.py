@@ -44,6 +44,8 @@ import torch
 VENV = Path(__file__).resolve().parent / ".venv-sparsify"
 TORCH_WHEEL = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 SPARSIFY = "eai-sparsify"
+# How each sparsify side is named in the output (keyed by: malloc keeps freed memory).
+LABEL = {False: " (as installed)", True: " (same malloc as clt-eval)"}
 
 # Runs inside sparsify's environment: prints {"times": [...], "version": ...} as JSON.
 SPARSIFY_STEP = r"""
@@ -214,10 +216,6 @@ def main() -> None:
         t = min(theirs[kept])
         print(f"sparsify {version}{LABEL[kept]}: {t * 1e3:.0f} ms/step; sparsify / clt-eval: "
               f"{t / best:.2f}x  (target >= 1.5x: clt-eval faster)", flush=True)
-
-
-# How each sparsify side is named in the output.
-LABEL = {False: " (as installed)", True: " (same malloc as clt-eval)"}
 
 if __name__ == "__main__":
     main()

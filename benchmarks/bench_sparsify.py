@@ -217,5 +217,6 @@ def main() -> None:
         print(f"sparsify {version}{LABEL[kept]}: {t * 1e3:.0f} ms/step; sparsify / clt-eval: "
               f"{t / best:.2f}x  (target >= 1.5x: clt-eval faster)", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from clt_eval import activations as act
+from clt_eval import fused_penalty
 from clt_eval.config import NORMED_PENALTIES, LossConfig
 from clt_eval.transcoder import Transcoder, TranscoderOutput, row_sum
 
@@ -110,6 +111,10 @@ class LossPlan:
     # A ragged ensemble's stretches of runs of one width, [(width, start, stop, plan)], each
     # with the plan of its own runs: their penalties are computed cut to their width.
     by_width: tuple = ()
+    # [R] int: the decoder norm that weighs each run's l1 / tanh penalty
+    # (``fused_penalty.KINDS``), 0 for runs without one
+    kind_R: torch.Tensor | None = None
+    l0_R: torch.Tensor | None = None  # [R] bool: JumpReLU L0 penalty?
 
     @classmethod
     def build(cls, cfgs, R: int, widths: list[int] | None = None) -> LossPlan:
@@ -139,7 +144,11 @@ class LossPlan:
                    any(k[0] in NORMED_PENALTIES for k in runs) or bool((cross > 0).any()),
                    segs, torch.tensor([c.penalty == "tanh" for c in cfgs]),
                    torch.tensor([c.tanh_scale if c.penalty == "tanh" else 1.0
-                                 for c in cfgs], dtype=torch.float64), by_width)
+                                 for c in cfgs], dtype=torch.float64), by_width,
+                   kind_R=torch.tensor([fused_penalty.KINDS[c.decoder_norm]
+                                        if c.penalty in NORMED_PENALTIES else 0
+                                        for c in cfgs], dtype=torch.int64),
+                   l0_R=torch.tensor([c.penalty == "l0" for c in cfgs], dtype=torch.bool))
 
     def to(self, device: torch.device) -> LossPlan:
         """The plan with its per-run tensors on ``device`` (it is built on the CPU)."""
@@ -148,6 +157,7 @@ class LossPlan:
             concat_R=self.concat_R.to(device), cross_R=self.cross_R.to(device),
             preact_R=self.preact_R.to(device), auxk_R=self.auxk_R.to(device),
             tanh_R=self.tanh_R.to(device), scale_R=self.scale_R.to(device),
+            kind_R=self.kind_R.to(device), l0_R=self.l0_R.to(device),
             by_width=tuple((w, a, b, p.to(device)) for w, a, b, p in self.by_width))
 
 
@@ -169,6 +179,9 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
     plan = LossPlan.build(cfgs, R)
     if block_norms_RSTF is None and plan.normed:
         block_norms_RSTF = tc.decoder_block_norms()
+    if (block_norms_RSTF is not None and bool((plan.kind_R > 0).any())
+            and fused_penalty.fits(out.acts_RBLF, block_norms_RSTF)):
+        return _fused(tc, out, plan, block_norms_RSTF)
     if len(plan.groups) > 1 and _by_segment(plan, R):
         return act.apply_by_segment(
             lambda key, acts, rows: _segment_penalty(tc, out, plan, key, acts, rows,
@@ -189,6 +202,23 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
 # steps, 8 penalty groups in up to 16 stretches: 540 runs 13.1-14.0 vs 15.6-15.8 s (by
 # stretch vs for every run); 80 runs (about 5 a stretch) 4.1-4.4 vs 3.8 s.
 MIN_STRETCH_RUNS = 8
+
+
+def _fused(tc, out, plan: LossPlan, block_norms_RSTF) -> torch.Tensor:
+    """[R]: ``sparsity_penalty`` with every l1 and tanh run's penalty from one compiled pass
+    (``fused_penalty``) and the L0 runs' from ``_l0_penalty``, stretch by stretch when the
+    runs lie in long stretches of one kind."""
+    value = fused_penalty.normed_penalty(out.acts_RBLF, block_norms_RSTF, plan.kind_R,
+                                         plan.tanh_R, plan.scale_R)
+    if not bool(plan.l0_R.any()):
+        return value
+    R = value.shape[0]
+    if _by_segment(plan, R):
+        l0 = torch.cat([_l0_penalty(tc, out, slice(start, stop)) if fam == "l0" else
+                        value.new_zeros(stop - start) for fam, start, stop, _ in plan.segments])
+    else:
+        l0 = _l0_penalty(tc, out)
+    return torch.where(plan.l0_R, l0, value)
 
 
 def _by_segment(plan: LossPlan, R: int) -> bool:

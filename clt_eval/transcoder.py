@@ -31,6 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from clt_eval import activations as act
+from clt_eval import fused_penalty
 from clt_eval.config import TranscoderConfig
 from clt_eval.errors import require
 from clt_eval.small_matmul import COMPILED_DTYPES, small_matmul
@@ -269,8 +270,11 @@ def padding_is_exact(n_layers: int, d_model: int, width: int, batch: int,
     step runs through ``small_matmul``'s in-order sums (an exact zero leaves those as they
     are; BLAS's and the pairwise sums' orders depend on the count). The largest product of a
     step is a batch of activations times the decoders of every target layer."""
+    # and when the sparsity penalty's sums run in ``fused_penalty``'s in-order loops, for the
+    # padded width as for the run's own: a run's terms are at most (layers × layers) a sample
     return (torch.device(device).type == "cpu" and dtype in COMPILED_DTYPES
-            and batch * width * n_layers * max(d_model, 1) < LOOP_MIN_MACS)
+            and batch * width * n_layers * max(d_model, 1) < LOOP_MIN_MACS
+            and batch * width * n_layers**2 <= fused_penalty.MAX_TERMS)
 
 
 def _fit_axis(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:
@@ -781,6 +785,9 @@ class Transcoder(nn.Module):
     def decoder_block_norms(self) -> torch.Tensor:
         """[R,S,T,F]: ‖W_dec,i^{s→t}‖₂ for each feature and block (0 for absent blocks)."""
         L = self.cfg.n_layers
+        if fused_penalty.norms_fit(self.decoder_params()):  # small runs: one compiled pass
+            masks = [self.target_mask(s) for s in range(L)] if self.mixed else None
+            return fused_penalty.block_norms(self.decoder_params(), masks)
         rows = []
         for s, T in enumerate(self.n_targets):
             # Mask the norms, not the weights: the same numbers (an absent block reads as

@@ -2,7 +2,8 @@
 small runs, run by run, forward and backward.
 
 Shapes: acts [R,B,S,F], block norms [R,S,T,F], per-run ``kind`` (0: no norm-weighted
-penalty, 1: concatenated norms, 2: summed, 3: per block), ``tanh`` (0 or 1) and ``scale``
+penalty, 1: concatenated norms, 2: summed, 3: per block, 4: the cross-layer blocks' norms
+summed, t > s), ``tanh`` (0 or 1) and ``scale``
 (tanh's c, in the acts' dtype). ``consts`` holds, in the acts' dtype, [1, the clamp under
 a concatenated norm's square, B].
 
@@ -29,15 +30,21 @@ _jit = numba.njit(nogil=True, cache=True, fastmath=False)
 
 @_jit
 def feature_norms(bn, kind, consts):
-    """[R,S,F]: each run's feature norm, concatenated (√max(Σ_t n², clamp)) or summed
-    (Σ_t n); 0 where the run's penalty is per block or has no norm."""
+    """[R,S,F]: each run's feature norm, concatenated (√max(Σ_t n², clamp)), summed (Σ_t n)
+    or cross-layer (Σ_{t>s} n); 0 where the run's penalty is per block or has no norm."""
     R, S, T, F = bn.shape
     n = np.zeros((R, S, F), bn.dtype)
     for r in range(R):
-        if kind[r] != 1 and kind[r] != 2:
+        if kind[r] == 0 or kind[r] == 3:
             continue
         for s in range(S):
             for f in range(F):
+                if kind[r] == 4:
+                    q = consts[0] - consts[0]
+                    for t in range(s + 1, T):
+                        q = q + bn[r, s, t, f]
+                    n[r, s, f] = q
+                    continue
                 q = bn[r, s, 0, f] * bn[r, s, 0, f] if kind[r] == 1 else bn[r, s, 0, f]
                 for t in range(1, T):
                     m = bn[r, s, t, f]
@@ -165,6 +172,8 @@ def _norm_grads(bn, n, kind, r, gn, consts, gbn):
                     gbn[r, s, t, f] = gn[s, t, f]
                 elif kind == 2:
                     gbn[r, s, t, f] = gn[s, 0, f]
+                elif kind == 4:
+                    gbn[r, s, t, f] = gn[s, 0, f] if t > s else 0
                 elif q >= consts[1]:  # d√q/dn_t = n_t/√q
                     gbn[r, s, t, f] = gn[s, 0, f] * bn[r, s, t, f] / n[r, s, f]
                 else:  # q was clamped: the norm is a constant there

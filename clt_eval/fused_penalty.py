@@ -25,6 +25,7 @@ COMPILED_DTYPES = (torch.float32, torch.float64)
 # it a run's tensors are large enough for PyTorch's vectorised, multi-threaded ops to win.
 MAX_TERMS = 1 << 16
 KINDS = {"concatenated": 1, "summed": 2, "per_block": 3}  # 0: no norm-weighted penalty
+CROSS_LAYER = 4  # the weight Σ_{t>s} ‖W^{s→t}‖ of the cross-layer mass (``losses``)
 CLAMP = 1e-24  # under a concatenated norm's square, as ``losses.feature_norms``
 
 
@@ -38,9 +39,9 @@ def fits(acts_RBLF: torch.Tensor, block_norms_RSTF: torch.Tensor) -> bool:
 
 def normed_penalty(acts_RBLF, block_norms_RSTF, kind_R, tanh_R, scale_R) -> torch.Tensor:
     """[R]: each run's mean over the batch of Σ_terms penalty(a·‖W‖), where ``kind_R``
-    ([R] int, ``KINDS``) says which decoder norm weighs the run's activations (0: the run has
-    no such penalty and gets 0), ``tanh_R`` ([R] bool) whether its penalty is tanh(c·a‖W‖)
-    rather than a‖W‖, and ``scale_R`` ([R]) its c."""
+    ([R] int, ``KINDS`` or ``CROSS_LAYER``) says which decoder norm weighs the run's
+    activations (0: the run has no such penalty and gets 0), ``tanh_R`` ([R] bool) whether
+    its penalty is tanh(c·a‖W‖) rather than a‖W‖, and ``scale_R`` ([R]) its c."""
     return _Penalty.apply(acts_RBLF, block_norms_RSTF, kind_R, tanh_R, scale_R)
 
 

@@ -115,6 +115,7 @@ class LossPlan:
     # (``fused_penalty.KINDS``), 0 for runs without one
     kind_R: torch.Tensor | None = None
     l0_R: torch.Tensor | None = None  # [R] bool: JumpReLU L0 penalty?
+    cross_kind_R: torch.Tensor | None = None  # [R] int: CROSS_LAYER where κ > 0, else 0
 
     @classmethod
     def build(cls, cfgs, R: int, widths: list[int] | None = None) -> LossPlan:
@@ -148,7 +149,8 @@ class LossPlan:
                    kind_R=torch.tensor([fused_penalty.KINDS[c.decoder_norm]
                                         if c.penalty in NORMED_PENALTIES else 0
                                         for c in cfgs], dtype=torch.int64),
-                   l0_R=torch.tensor([c.penalty == "l0" for c in cfgs], dtype=torch.bool))
+                   l0_R=torch.tensor([c.penalty == "l0" for c in cfgs], dtype=torch.bool),
+                   cross_kind_R=(cross > 0).long() * fused_penalty.CROSS_LAYER)
 
     def to(self, device: torch.device) -> LossPlan:
         """The plan with its per-run tensors on ``device`` (it is built on the CPU)."""
@@ -158,6 +160,7 @@ class LossPlan:
             preact_R=self.preact_R.to(device), auxk_R=self.auxk_R.to(device),
             tanh_R=self.tanh_R.to(device), scale_R=self.scale_R.to(device),
             kind_R=self.kind_R.to(device), l0_R=self.l0_R.to(device),
+            cross_kind_R=self.cross_kind_R.to(device),
             by_width=tuple((w, a, b, p.to(device)) for w, a, b, p in self.by_width))
 
 
@@ -353,9 +356,20 @@ def _penalties(tc, out, plan: LossPlan, coef_R, block_norms) -> list:
     if bool((plan.preact_R > 0).any()):
         terms[1] = plan.preact_R * row_sum((-out.pre_RBLF).relu()) / B
     if bool((plan.cross_R > 0).any()):
-        terms[2] = coef_R * plan.cross_R * row_mean(cross_layer_mass(tc, out.acts_RBLF,
-                                                                     block_norms))
+        terms[2] = coef_R * plan.cross_R * _mean_cross_layer_mass(tc, out, plan, block_norms)
     return terms
+
+
+def _mean_cross_layer_mass(tc, out, plan: LossPlan, block_norms) -> torch.Tensor:
+    """[R]: ``cross_layer_mass`` averaged over the batch, for the runs with κ > 0 (0 for the
+    others, whose term κ·mass is 0 either way); an l1 penalty whose norm is the cross-layer
+    blocks' summed norms, so small runs take the same compiled pass."""
+    if fused_penalty.fits(out.acts_RBLF, block_norms):
+        R = out.acts_RBLF.shape[0]
+        return fused_penalty.normed_penalty(
+            out.acts_RBLF, block_norms, plan.cross_kind_R,
+            torch.zeros(R, dtype=torch.bool), torch.ones(R, dtype=torch.float64))
+    return row_mean(cross_layer_mass(tc, out.acts_RBLF, block_norms))
 
 
 def _by_width(tc, out, plan: LossPlan, coef_R, block_norms) -> list:

@@ -1,6 +1,8 @@
 """The compiled penalty and block norms (clt_eval.fused_penalty) against independent PyTorch
 computations in float64, finite differences, and each run alone."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ from clt_eval.config import LossConfig, TranscoderConfig
 from clt_eval.losses import training_loss
 from clt_eval.transcoder import Transcoder
 
-R, B, S, F = 9, 5, 3, 4
-KIND_NAMES = {v: k for k, v in fp.KINDS.items()}
+R, B, S, F = 11, 5, 3, 4
+KIND_NAMES = {v: k for k, v in fp.KINDS.items()} | {fp.CROSS_LAYER: "cross_layer"}
 
 
 def _inputs(dtype, seed=0):
@@ -21,9 +23,10 @@ def _inputs(dtype, seed=0):
     acts[torch.rand(acts.shape, generator=g) < 0.4] = 0.0
     bn = torch.rand(R, S, S, F, generator=g, dtype=torch.float64) + 0.1
     bn[:, 1, :, 2] = 0.0
-    kind = torch.tensor([0, 1, 2, 3, 1, 2, 3, 1, 3])
-    tanh = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
-    scale = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 0.5, 2.0, 1.0, 0.7], dtype=torch.float64)
+    kind = torch.tensor([0, 1, 2, 3, 1, 2, 3, 1, 3, 4, 4])
+    tanh = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
+    scale = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 0.5, 2.0, 1.0, 0.7, 1.0, 1.5],
+                         dtype=torch.float64)
     return acts.to(dtype), bn.to(dtype), kind, tanh, scale
 
 
@@ -40,6 +43,8 @@ def _reference(acts, bn, kind, tanh, scale):
             w = acts[r] * blocks.pow(2).sum(1).clamp_min(fp.CLAMP).sqrt()
         elif name == "summed":
             w = acts[r] * blocks.sum(1)
+        elif name == "cross_layer":  # the blocks to later layers only
+            w = acts[r] * (blocks * torch.ones(S, S).triu(1)[:, :, None]).sum(1)
         else:
             w = acts[r][:, :, None, :] * blocks
         terms = torch.tanh(float(scale[r]) * w) if tanh[r] else w
@@ -64,6 +69,8 @@ def test_values_and_gradients_match_a_direct_float64_computation(dtype):
     torch.testing.assert_close(a.grad.double(), a64.grad, **tol)
     torch.testing.assert_close(b.grad.double(), b64.grad, **tol)
     assert (b.grad[:, 1, :, 2][kind == 1] == 0).all()  # clamped norm: no gradient
+    earlier = torch.ones(S, S, dtype=torch.bool).tril()  # blocks s→t with t ≤ s
+    assert (b.grad[kind == 4][:, earlier] == 0).all()  # are not in the cross-layer mass
 
 
 def test_gradients_agree_with_finite_differences():
@@ -136,6 +143,8 @@ def test_training_loss_is_the_same_on_both_paths(monkeypatch):
               LossConfig(penalty="l1", decoder_norm="per_block"),
               LossConfig(penalty="l0", decoder_norm="none"),
               LossConfig(penalty="tanh", decoder_norm="concatenated", tanh_scale=0.5)]
+    losses = [dataclasses.replace(c, cross_layer_coef=0.2 * (i % 2)) for i, c in
+              enumerate(losses)]  # κ > 0 for some runs: the cross-layer mass as well
     cfgs = [TranscoderConfig(**base, activation="jumprelu" if c.penalty == "l0" else "relu")
             for c in losses]
     tc = Transcoder(cfgs, seeds=list(range(len(cfgs))))
@@ -152,10 +161,10 @@ def test_training_loss_is_the_same_on_both_paths(monkeypatch):
     compiled = fp.normed_penalty
     monkeypatch.setattr(fp, "normed_penalty", lambda *a: calls.append(1) or compiled(*a))
     fused, fused_grads = loss_and_grads()
-    assert calls == [1]
+    assert calls == [1, 1]  # the penalty and the cross-layer mass
     monkeypatch.setattr(fp, "MAX_TERMS", 0)
     plain, plain_grads = loss_and_grads()
-    assert calls == [1]
+    assert calls == [1, 1]
     torch.testing.assert_close(fused, plain)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)

@@ -22,7 +22,8 @@ import numpy as np
 
 # A run's tanh arguments start at a multiple of this many elements of the packed buffer and
 # fill whole multiples of it, so a vectorised tanh treats every element of every run the
-# same way (no run's element falls in a scalar tail), however many runs share the buffer.
+# same way (no run's element falls in a scalar tail), however many runs share the buffer:
+# a guard for builds whose scalar and vectorised tanh round differently.
 ALIGN = 64
 
 _jit = numba.njit(nogil=True, cache=True, fastmath=False)

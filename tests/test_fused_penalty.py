@@ -169,3 +169,24 @@ def test_training_loss_is_the_same_on_both_paths(monkeypatch):
     for a, b in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
     assert torch.equal(fused[3], plain[3])  # the L0 run's penalty takes the same ops
+
+
+def test_a_large_ensemble_on_two_threads_gives_each_run_its_alone_bits():
+    """More tanh arguments than PyTorch's grain size, on 2 threads, and runs whose terms are
+    not a multiple of the vector width: each run's value is still its alone value."""
+    g = torch.Generator().manual_seed(4)
+    n = 150
+    acts = torch.rand(n, 16, 2, 13, generator=g) * 3  # 416 terms a run: not a multiple of 64
+    bn = torch.rand(n, 2, 2, 13, generator=g)
+    kind = torch.randint(1, 5, (n,), generator=g)
+    tanh = torch.ones(n, dtype=torch.bool)
+    scale = torch.rand(n, generator=g, dtype=torch.float64) * 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole = fp.normed_penalty(acts, bn, kind, tanh, scale)
+        alone = [fp.normed_penalty(acts[r:r + 1], bn[r:r + 1], kind[r:r + 1], tanh[r:r + 1],
+                                   scale[r:r + 1]) for r in range(n)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, torch.cat(alone))

@@ -270,11 +270,12 @@ def padding_is_exact(n_layers: int, d_model: int, width: int, batch: int,
     step runs through ``small_matmul``'s in-order sums (an exact zero leaves those as they
     are; BLAS's and the pairwise sums' orders depend on the count). The largest product of a
     step is a batch of activations times the decoders of every target layer."""
-    # and when the sparsity penalty's sums run in ``fused_penalty``'s in-order loops, for the
-    # padded width as for the run's own: a run's terms are at most (layers × layers) a sample
+    # and when the penalty's sums and the decoder norms run in ``fused_penalty``'s loops for
+    # the padded width as for the run's own: at most layers² terms a sample, and at most
+    # layers² decoder blocks a feature
     return (torch.device(device).type == "cpu" and dtype in COMPILED_DTYPES
             and batch * width * n_layers * max(d_model, 1) < LOOP_MIN_MACS
-            and batch * width * n_layers**2 <= fused_penalty.MAX_TERMS)
+            and max(batch, d_model) * width * n_layers**2 <= fused_penalty.MAX_TERMS)
 
 
 def _fit_axis(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:

@@ -1,16 +1,18 @@
-"""Compiled loops behind ``clt_eval.fused_penalty``: the norm-weighted sparsity penalties of many
-small runs, run by run, forward and backward.
+"""Compiled loops behind ``clt_eval.fused_penalty``: the norm-weighted sparsity penalties,
+the cross-layer mass and the decoder block norms of many small runs, run by run, forward
+and backward.
 
 Shapes: acts [R,B,S,F], block norms [R,S,T,F], per-run ``kind`` (0: no norm-weighted
-penalty, 1: concatenated norms, 2: summed, 3: per block, 4: the cross-layer blocks' norms
-summed, t > s), ``tanh`` (0 or 1) and ``scale``
-(tanh's c, in the acts' dtype). ``consts`` holds, in the acts' dtype, [1, the clamp under
-a concatenated norm's square, B].
+penalty, 1: concatenated norms, 2: summed, 3: per block, 4: the norms of the blocks to
+later layers, t > s, summed), ``tanh`` (0 or 1) and ``scale`` (tanh's c, in the acts'
+dtype). ``consts`` holds, in the acts' dtype, [1, the clamp under a concatenated norm's
+square, B].
 
 Elementwise values are computed in the acts' dtype, as PyTorch computes them; sums (over a
-sample's terms, over the batch, and the gradient's sums over the batch) run in float64, in
-one fixed order per run. tanh itself is left to ``torch.tanh`` on the packed arguments
-(vectorised; a libm call per element here would cost more than everything else together).
+sample's terms, over the batch, the gradient's sums over the batch, a block's squares) run
+in float64, in one fixed order per run. tanh itself is left to ``torch.tanh`` on the packed
+arguments (vectorised; a libm call per element here cost more than everything else
+together).
 """
 
 from __future__ import annotations

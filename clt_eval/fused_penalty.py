@@ -1,5 +1,6 @@
-"""The norm-weighted sparsity penalties (l1 and tanh of a·‖W_dec‖) of small runs in one
-compiled pass, forward and backward.
+"""The norm-weighted sparsity penalties (l1 and tanh of a·‖W_dec‖), the cross-layer mass
+and the decoder block norms of small runs, each in one compiled pass forward and one
+backward.
 
 For a toy ensemble the penalty is a chain of a dozen elementwise PyTorch ops over a tensor of
 a few hundred thousand numbers, each with its own allocation and dispatch, and twice as many
@@ -10,8 +11,8 @@ so a run's bits do not depend on the other runs in the call, as the training los
 
 Used on the CPU, for float32 and float64, and when one run's terms are few (``MAX_TERMS``);
 everything else (GPUs, bfloat16, large runs, where PyTorch's parallel kernels are faster)
-takes the PyTorch path in ``clt_eval.losses``. The choice depends on one run's shape and
-never on the number of runs.
+takes the PyTorch path in ``clt_eval.losses`` and ``Transcoder.decoder_block_norms``. The
+choice depends on one run's shape and never on the number of runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import functools
 
 import torch
 
-COMPILED_DTYPES = (torch.float32, torch.float64)
+from clt_eval.small_matmul import COMPILED_DTYPES
+
 # Most terms (samples × layers × features × target blocks) of one run computed here: above
 # it a run's tensors are large enough for PyTorch's vectorised, multi-threaded ops to win.
 MAX_TERMS = 1 << 16
@@ -117,8 +119,8 @@ class _BlockNorms(torch.autograd.Function):
         W_dec = [W.detach().contiguous() for W in W_dec]
         R, F, _, _ = W_dec[0].shape
         L = len(W_dec)
-        masks = [torch.zeros(0, 0, dtype=torch.uint8) if masks is None else
-                 m.to(torch.uint8).contiguous() for m in (masks or [None] * L)]
+        none = torch.zeros(0, 0, dtype=torch.uint8)  # an empty mask: every block is stored
+        masks = [none] * L if masks is None else [m.to(torch.uint8).contiguous() for m in masks]
         out = torch.zeros(R, L, L, F, dtype=W_dec[0].dtype)
         for s, (W, m) in enumerate(zip(W_dec, masks, strict=True)):
             k.block_norms(W.numpy(), s, m.numpy(), out.numpy())

@@ -388,6 +388,16 @@ def _by_width(tc, out, plan: LossPlan, coef_R, block_norms) -> list:
             for i in range(3)]
 
 
+def _padding_adds_nothing(out, plan: LossPlan, block_norms) -> bool:
+    """May a ragged ensemble's penalties be computed on its whole padded tensors? When every
+    term is summed in ``fused_penalty``'s in-order loops, to which a padded feature (an
+    activation and decoder norm of exact zeros) adds exact zeros: l1 or tanh penalties and
+    the cross-layer mass, no pre-activation term."""
+    return (block_norms is not None and bool((plan.kind_R > 0).all())
+            and not bool((plan.preact_R > 0).any())
+            and fused_penalty.fits(out.acts_RBLF, block_norms))
+
+
 def _cut(t: torch.Tensor | None, rows: slice, width: int) -> torch.Tensor | None:
     return None if t is None else t[rows, ..., :width].contiguous()
 
@@ -409,7 +419,8 @@ def training_loss(tc, out, target_BLD, cfgs, coef_R, dead_RLF=None) -> LossParts
     plan = LossPlan.build(cfgs, R, [c.n_features for c in tc.cfgs] if tc.ragged else None)
     mse = row_sum((out.recon_RBLD - with_run_axis(target_BLD)).pow(2)) / B
     block_norms = tc.decoder_block_norms() if plan.normed else None  # once per step
-    terms = (_by_width if plan.by_width else _penalties)(tc, out, plan, coef_R, block_norms)
+    ragged = plan.by_width and not _padding_adds_nothing(out, plan, block_norms)
+    terms = (_by_width if ragged else _penalties)(tc, out, plan, coef_R, block_norms)
     sparsity = terms[0]
     total = mse + coef_R * sparsity
     for term in terms[1:]:  # pre-activation, cross-layer

@@ -313,19 +313,27 @@ def test_absent_slots_stay_zero_in_training_and_written_ones_are_masked(archs):
     assert torch.equal(tc.write(acts), clean)
 
 
-@pytest.mark.parametrize("batch_size", [0, 5])
+@pytest.mark.parametrize(("batch_size", "preact"), [(0, True), (5, True), (0, False)])
 def test_relu_runs_of_several_widths_padded_into_one_ensemble_keep_their_alone_bits(
-        data, batch_size):
+        data, monkeypatch, batch_size, preact):
     """``Transcoder.ragged``: each run stores the widest run's features; its extra ones stay
-    exact zeros, and every run's weights, loss, penalty and L0 are its alone ones."""
+    exact zeros, and every run's weights, loss, penalty and L0 are its alone ones. With a
+    pre-activation term the penalties are computed width by width; without one, on the whole
+    padded tensors (``losses._padding_adds_nothing``)."""
+    from clt_eval import losses
     from clt_eval.transcoder import padding_is_exact
 
     widths = [5, 2, 8, 3, 5]
-    specs = [dataclasses.replace(s, n_features=w)
+    specs = [dataclasses.replace(s, n_features=w, preact_coef=s.preact_coef * preact)
              for s, w in zip(ENSEMBLES["relu"], widths, strict=True)]
     assert padding_is_exact(L, D, max(widths), B, "cpu", torch.float32)
     steps = 120 if batch_size == 0 else 60
+    whole = []
+    check = losses._padding_adds_nothing
+    monkeypatch.setattr(losses, "_padding_adds_nothing",
+                        lambda *a: whole.append(check(*a)) or whole[-1])
     ens, final = _fit(specs, data, steps, batch_size)
+    assert whole and set(whole) == {not preact}
     assert ens.ragged and ens.cfg.n_features == 8
     for i, w in enumerate(widths):
         assert not ens.W_enc.detach()[i, ..., w:].any()

@@ -109,7 +109,8 @@ class LossPlan:
     tanh_R: torch.Tensor | None = None  # [R] bool: tanh penalty?
     scale_R: torch.Tensor | None = None  # [R] tanh's c (1 for the other runs), float64
     # A ragged ensemble's stretches of runs of one width, [(width, start, stop, plan)], each
-    # with the plan of its own runs: their penalties are computed cut to their width.
+    # with the plan of its own runs: their penalties are computed cut to their width (unless
+    # ``_padding_adds_nothing``).
     by_width: tuple = ()
     # [R] int: the decoder norm that weighs each run's l1 / tanh penalty
     # (``fused_penalty.KINDS``), 0 for runs without one
@@ -168,15 +169,17 @@ def sparsity_penalty(tc: Transcoder, out: TranscoderOutput, cfgs,
                      block_norms_RSTF: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of each run's per-sample penalty, [R] (λ not applied).
 
-    Runs are grouped by (penalty, norm, c), so l1 and tanh runs with any decoder norm train
-    side by side in one ensemble. When the runs come in a few long stretches of one
-    ``family`` each (the sweep orders them so), each stretch's penalty is computed on a view
-    of its own rows, its runs' norms and penalties chosen run by run (``torch.where``).
-    Otherwise each group's penalty is computed for every run and kept for the
-    group's own runs (``torch.where``): the others' terms reach a run only as exact zeros,
-    in value and gradient, and selecting costs fewer and cheaper ops than gathering each
-    group's rows and scattering them back. Either way a run's value is the one it gets
-    alone. ``cfgs`` is one ``LossConfig``, one per run, or a ``LossPlan``.
+    Small runs on the CPU get their l1 and tanh penalties, each run with its own norm and c,
+    from one compiled pass (``fused_penalty``; ``_fused``). Otherwise runs are grouped by
+    (penalty, norm, c), so l1 and tanh runs with any decoder norm train side by side in one
+    ensemble. When the runs come in a few long stretches of one ``family`` each (the sweep
+    orders them so), each stretch's penalty is computed on a view of its own rows, its runs'
+    norms and penalties chosen run by run (``torch.where``). Otherwise each group's penalty
+    is computed for every run and kept for the group's own runs (``torch.where``): the
+    others' terms reach a run only as exact zeros, in value and gradient, and selecting
+    costs fewer and cheaper ops than gathering each group's rows and scattering them back.
+    Either way a run's value is the one it gets alone. ``cfgs`` is one ``LossConfig``, one
+    per run, or a ``LossPlan``.
     """
     R = out.pre_RBLF.shape[0]
     plan = LossPlan.build(cfgs, R)

@@ -8,9 +8,10 @@ later layers, t > s, summed), ``tanh`` (0 or 1) and ``scale`` (tanh's c, in the 
 dtype). ``consts`` holds, in the acts' dtype, [1, the clamp under a concatenated norm's
 square, B].
 
-Elementwise values are computed in the acts' dtype, as PyTorch computes them; sums (over a
-sample's terms, over the batch, the gradient's sums over the batch, a block's squares) run
-in float64, in one fixed order per run. tanh itself is left to ``torch.tanh`` on the packed
+Elementwise values and the feature norms (sums over a feature's few blocks) are computed in
+the acts' dtype, as PyTorch computes them; the other sums (over a sample's terms, over the
+batch, the gradient's sums over the batch, a block's squares) run in float64; every sum in
+one fixed order per run. tanh itself is left to ``torch.tanh`` on the packed
 arguments (vectorised; a libm call per element here cost more than everything else
 together).
 """
@@ -167,8 +168,8 @@ def _norm_grads(bn, n, kind, r, gn, consts, gbn):
     S, T, F = gbn.shape[1], gbn.shape[2], gbn.shape[3]
     for s in range(S):
         for f in range(F):
-            q = bn[r, s, 0, f] * bn[r, s, 0, f]  # as in ``feature_norms``
-            for t in range(1, T):
+            q = bn[r, s, 0, f] * bn[r, s, 0, f]  # concatenated: Σ_t n², as ``feature_norms``
+            for t in range(1, T if kind == 1 else 1):
                 q = q + bn[r, s, t, f] * bn[r, s, t, f]
             for t in range(T):
                 if kind == 3:

@@ -786,9 +786,10 @@ class Transcoder(nn.Module):
     def decoder_block_norms(self) -> torch.Tensor:
         """[R,S,T,F]: ‖W_dec,i^{s→t}‖₂ for each feature and block (0 for absent blocks)."""
         L = self.cfg.n_layers
-        if fused_penalty.norms_fit(self.decoder_params()):  # small runs: one compiled pass
+        decoders = self.decoder_params()
+        if fused_penalty.norms_fit(decoders):  # small runs: one compiled pass
             masks = [self.target_mask(s) for s in range(L)] if self.mixed else None
-            return fused_penalty.block_norms(self.decoder_params(), masks)
+            return fused_penalty.block_norms(decoders, masks)
         rows = []
         for s, T in enumerate(self.n_targets):
             # Mask the norms, not the weights: the same numbers (an absent block reads as
